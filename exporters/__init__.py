@@ -1,0 +1,1 @@
+"""Exporters: ONNX and TensorRT (see issue 5)."""

@@ -1,0 +1,1 @@
+"""Runtime backends that run a compressed model."""

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random models built in the tests, and the real SmolLM2 (loaded once)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from thanos_deploy import models
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
+    """A 2-layer random causal LM of the given family, in float32, eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = {**TINY, **overrides}
+    if kind == "opt":
+        config = transformers.OPTConfig(
+            hidden_size=cfg["hidden_size"], ffn_dim=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"], vocab_size=cfg["vocab_size"], word_embed_proj_dim=cfg["hidden_size"],
+            max_position_embeddings=512,
+        )
+        model = transformers.OPTForCausalLM(config)
+    else:
+        config_cls = {
+            "llama": transformers.LlamaConfig,
+            "mistral": transformers.MistralConfig,
+            "qwen2": transformers.Qwen2Config,
+            "qwen3": transformers.Qwen3Config,
+        }[kind]
+        config = config_cls(num_key_value_heads=2, max_position_embeddings=512, **cfg)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.float().eval()
+
+
+def random_ids(n: int, seqlen: int, vocab: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seqlen), generator=g)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The converted SmolLM2-135M folder (converted once into the user cache)."""
+    return Path(models.resolve(models.SMOLLM2_ALIAS))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smollm2_folder) -> Path:
+    """A tiny random Llama saved with SmolLM2's tokenizer, for CLI runs that need text."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the installed `thanos-deploy` console script in a fresh process."""
+    exe = Path(sys.executable).with_name("thanos-deploy")
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=900
+    )

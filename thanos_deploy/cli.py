@@ -1,0 +1,226 @@
+"""The `thanos-deploy` command line: each command is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import click
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import checkpoint, data, models
+from .driver import compress_model
+from .errors import UserError
+from .evaluate import perplexity
+from .methods import get_method
+from .patterns import check_shape, parse_pattern
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Prune LLMs with Thanos, SparseGPT, Wanda or magnitude; evaluate, save and ship them.",
+)
+console = Console()
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UserError(f"unknown device '{name}': use cpu or cuda")
+    return torch.device(name)
+
+
+def _seqlen(model, seqlen: int) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(seqlen, limit) if limit else seqlen
+
+
+def _versions() -> dict:
+    names = ["thanos-deploy", "torch", "transformers", "safetensors", "onnx", "onnxruntime"]
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _eval(model, tokenizer, source: str, seqlen: int, max_windows: int, device) -> dict:
+    stream = data.evaluation_tokens(source, tokenizer)
+    result = perplexity(model, data.windows(stream, _seqlen(model, seqlen), max_windows), device=device)
+    return {"data": source, **result}
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or smollm2-135m"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the pruned checkpoint to"),
+    method: str = typer.Option("wanda", help="wanda or magnitude"),
+    pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P or structured:P"),
+    calib: str = typer.Option("austen", help="austen, c4, wikitext2, or a .txt/.jsonl file"),
+    calib_tokens: Optional[Path] = typer.Option(None, help="Exact calibration tokens [n, seqlen]: .pt, .npy or .safetensors"),
+    nsamples: int = typer.Option(128, help="Calibration windows"),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration window (capped by the model's maximum)"),
+    seed: int = typer.Option(0, help="Seed of the calibration windows"),
+    alpha: Optional[float] = typer.Option(None, help="Thanos: fraction of outlier rows kept dense (N:M and structured)"),
+    block_size: Optional[int] = typer.Option(None, help="Thanos/SparseGPT: columns per block"),
+    row_batch: Optional[int] = typer.Option(None, help="Thanos: rows solved per batched call (memory knob)"),
+    percdamp: Optional[float] = typer.Option(None, help="Thanos/SparseGPT: Hessian damping, relative to mean(diag H)"),
+    device: str = typer.Option("cpu", help="Where each decoder layer is pruned: cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16"),
+    batch_tokens: int = typer.Option(8192, help="Tokens per calibration forward batch (bounds memory)"),
+    eval_windows: int = typer.Option(0, help="Also report dense and pruned perplexity on this many windows"),
+    eval_data: str = typer.Option("austen", help="Evaluation data for --eval-windows"),
+    eval_seqlen: int = typer.Option(512, help="Window length for --eval-windows"),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+):
+    """Prune MODEL layer by layer and save it as a Hugging Face folder with thanos_deploy.json."""
+    m = get_method(method)
+    patt = parse_pattern(pattern)
+    options = m.options({"alpha": alpha, "block_size": block_size, "row_batch": row_batch, "percdamp": percdamp})
+    if m.validate:
+        m.validate(patt, options)
+    if nsamples < 1:
+        raise UserError(f"--nsamples must be at least 1, got {nsamples}")
+    checkpoint.check_output(out, overwrite)
+    dev = _device(device)
+
+    started = time.perf_counter()
+    with console.status(f"loading {model}"):
+        net, tokenizer = models.load(model, dtype=dtype)
+    for i, layer in enumerate(models.decoder_layers(net)):
+        for name, linear in models.linears(layer).items():
+            check_shape(patt, f"layers.{i}.{name}", linear.in_features)
+    if calib_tokens is not None:
+        ids = data.load_token_file(calib_tokens)
+        calib_source = str(calib_tokens)
+    else:
+        with console.status(f"tokenizing calibration data '{calib}'"):
+            ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=_seqlen(net, seqlen), seed=seed)
+        calib_source = calib
+    data.check_tokens(ids, net.config.vocab_size)
+
+    evaluation = {}
+    if eval_windows > 0:
+        with console.status("evaluating the dense model"):
+            evaluation["dense"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
+
+    report = compress_model(net, ids, method=m.name, pattern=patt, device=dev, batch_tokens=batch_tokens, progress=True, **options)
+
+    if eval_windows > 0:
+        with console.status("evaluating the pruned model"):
+            evaluation["pruned"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
+
+    manifest = {
+        "format": "thanos-deploy/1",
+        "storage": "masked",
+        "source_model": model,
+        **{k: report[k] for k in ("method", "pattern", "options", "sparsity")},
+        "calibration": {
+            "source": calib_source,
+            "nsamples": int(ids.shape[0]),
+            "seqlen": int(ids.shape[1]),
+            "seed": seed if calib_tokens is None else None,
+            "tokens_hash": data.token_hash(ids),
+        },
+        "evaluation": evaluation or None,
+        "versions": _versions(),
+        "seconds": {**report["seconds"], "command": round(time.perf_counter() - started, 3)},
+        "layers": report["layers"],
+    }
+    with console.status(f"saving to {out}"):
+        checkpoint.save(net, tokenizer, out, manifest, overwrite=overwrite)
+    _print_report(report, evaluation, out)
+
+
+def _print_report(report: dict, evaluation: dict, out: Path) -> None:
+    table = Table(title=f"{report['method']} {report['pattern']}", show_lines=False)
+    for col in ("layer", "sparsity", "mean rel. error", "max rel. error", "prune s", "total s"):
+        table.add_column(col, justify="right")
+    for layer in report["layers"]:
+        errs = [e["relative_error"] for e in layer["linears"]]
+        zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in layer["linears"])
+        size = sum(e["shape"][0] * e["shape"][1] for e in layer["linears"])
+        secs = layer["seconds"]
+        table.add_row(
+            str(layer["index"]),
+            f"{zeros / size:.3f}",
+            f"{sum(errs) / len(errs):.4f}",
+            f"{max(errs):.4f}",
+            f"{secs['prune']:.2f}",
+            f"{sum(secs.values()):.2f}",
+        )
+    console.print(table)
+    s = report["seconds"]
+    console.print(
+        f"sparsity {report['sparsity']:.4f} of the decoder linears · {s['total']:.1f} s "
+        f"(statistics {s['statistics']:.1f}, pruning math {s['prune']:.1f}, forward {s['forward']:.1f})"
+    )
+    if evaluation:
+        d, p = evaluation["dense"], evaluation["pruned"]
+        console.print(
+            f"perplexity on {d['data']} ({d['windows']}×{d['seqlen']} tokens): dense {d['perplexity']:.3f} → "
+            f"pruned {p['perplexity']:.3f} ({p['perplexity'] / d['perplexity']:.2f}×)"
+        )
+    console.print(f"saved to {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, smollm2-135m, or a pruned checkpoint"),
+    data_source: str = typer.Option("austen", "--data", help="austen, wikitext2, c4, or a .txt/.jsonl file"),
+    seqlen: int = typer.Option(512, help="Tokens per window"),
+    max_windows: int = typer.Option(0, help="Evaluate at most this many windows (0: all)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+):
+    """Perplexity over non-overlapping windows: exp(mean next-token cross-entropy)."""
+    if max_windows < 0:
+        raise UserError(f"--max-windows must be 0 (all) or positive, got {max_windows}")
+    dev = _device(device)
+    net, tokenizer = models.load(model, dtype=dtype)
+    result = {"model": model, **_eval(net, tokenizer, data_source, seqlen, max_windows, dev)}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(
+            f"{model}: perplexity {result['perplexity']:.3f} on {data_source} "
+            f"({result['windows']} windows × {result['seqlen']} tokens)"
+        )
+
+
+def main() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The sequential layer loop shared by every method (SparseGPT / Wanda / Thanos pipeline).
+
+1. Capture the inputs of decoder layer 0 for all calibration windows (in batches).
+2. For each decoder layer, in order: run the dense layer on its inputs while hooks accumulate the
+   statistics of every linear (one accumulator per distinct input), prune every linear with the
+   method, then run the pruned layer to produce the inputs of the next layer.
+
+The loop owns all its state (`LayerInputs` and the report list): a later change can stream layers
+from disk or resume after layer i from (i, inputs, reports) without touching the methods.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import models
+from .methods import get_method
+from .patterns import check_shape, parse_pattern
+from .stats import InputStats
+
+
+@dataclass
+class LayerInputs:
+    """What flows from one decoder layer to the next, one entry per calibration batch."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+
+    def run(self, layer: nn.Module, before_each=None) -> list[torch.Tensor]:
+        outputs = []
+        for hidden, args, kwargs in zip(self.hidden, self.args, self.kwargs):
+            if before_each:
+                before_each()
+            out = layer(hidden, *args, **kwargs)
+            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outputs
+
+
+ERROR_SAMPLE_TOKENS = 4096  # methods without a Hessian report their error on about this many tokens
+
+
+class _Captured(Exception):
+    def __init__(self, args, kwargs):
+        self.args_, self.kwargs_ = args, kwargs
+
+
+def _modules_outside(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    inside = {id(m) for m in layers.modules()}
+    return [m for m in model.modules() if id(m) not in inside]
+
+
+def _move(modules: list[nn.Module], device) -> None:
+    for m in modules:
+        for p in m.parameters(recurse=False):
+            p.data = p.data.to(device)
+        for name, b in m.named_buffers(recurse=False):
+            m._buffers[name] = b.to(device)
+
+
+def batch_size(seqlen: int, batch_tokens: int) -> int:
+    return max(1, batch_tokens // seqlen)
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, ids: torch.Tensor, *, device, batch_tokens: int = 8192) -> LayerInputs:
+    """Run the model up to decoder layer 0 and keep what reaches it, batch by batch."""
+    layers = models.decoder_layers(model)
+    outside = _modules_outside(model, layers)
+    home = next(model.parameters()).device
+    _move(outside, device)
+
+    def stop(module, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    inputs = LayerInputs([], [], [])
+    try:
+        for chunk in ids.split(batch_size(ids.shape[1], batch_tokens)):
+            try:
+                model(input_ids=chunk.to(device), use_cache=False)
+            except _Captured as c:
+                args, kwargs = tuple(c.args_), dict(c.kwargs_)
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                inputs.hidden.append(hidden)
+                inputs.args.append(args[1:])
+                inputs.kwargs.append(kwargs)
+            else:
+                raise RuntimeError("decoder layer 0 was never called")
+    finally:
+        handle.remove()
+        _move(outside, home)
+    return inputs
+
+
+@torch.no_grad()
+def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options: dict, *, index: int = 0, on_linear=None):
+    """Prune every linear of one decoder layer in place; return (report, inputs of the next layer)."""
+    t0 = time.perf_counter()
+    subs = models.linears(layer)
+    tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
+    collector = InputStats(subs, hessian=method.needs_hessian, sample_every=max(1, tokens // ERROR_SAMPLE_TOKENS))
+    try:
+        inputs.run(layer, before_each=collector.next_batch)
+    finally:
+        collector.close()
+    t_stats = time.perf_counter() - t0
+
+    report = {"index": index, "linears": [], "groups": collector.groups()}
+    t_prune = 0.0
+    for name, linear in subs.items():
+        if on_linear:
+            on_linear(name)
+        stats = collector[name]
+        weight = linear.weight.data
+        t1 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            new = method.prune(weight, stats, pattern, **options)
+        if new.is_cuda:
+            torch.cuda.synchronize(new.device)
+        seconds = time.perf_counter() - t1
+        t_prune += seconds
+        entry = {
+            "name": name,
+            "shape": list(weight.shape),
+            "sparsity": float((new == 0).float().mean()),
+            "relative_error": stats.relative_error(weight, new),
+            "error_tokens": stats.error_tokens,
+            "seconds": round(seconds, 4),
+        }
+        if caught:
+            entry["warnings"] = [f"layers.{index}.{name}: {w.message}" for w in caught]
+        report["linears"].append(entry)
+        linear.weight.data = new.to(weight.dtype)
+    del collector
+    t2 = time.perf_counter()
+    outputs = inputs.run(layer)
+    report["seconds"] = {
+        "statistics": round(t_stats, 4),
+        "prune": round(t_prune, 4),
+        "forward": round(time.perf_counter() - t2, 4),
+    }
+    return report, LayerInputs(outputs, inputs.args, inputs.kwargs)
+
+
+def compress_model(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    *,
+    method: str,
+    pattern,
+    device=None,
+    batch_tokens: int = 8192,
+    progress: bool = False,
+    **options,
+) -> dict:
+    """Prune `model` in place, decoder layer by decoder layer; return the report.
+
+    `calib_ids` is a [n, seqlen] token tensor. Embeddings and the LM head are never pruned. One
+    decoder layer at a time is moved to `device` (default: where the model is).
+    """
+    m = get_method(method)
+    pattern = parse_pattern(pattern)
+    opts = m.options(options)
+    if m.validate:
+        m.validate(pattern, opts)
+    layers = models.decoder_layers(model)
+    for i, layer in enumerate(layers):
+        for name, linear in models.linears(layer).items():
+            check_shape(pattern, f"layers.{i}.{name}", linear.in_features)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    t0 = time.perf_counter()
+    inputs = capture_inputs(model, calib_ids, device=device, batch_tokens=batch_tokens)
+    reports = []
+    bar = _progress(progress)
+    with bar or nullcontext():
+        task = bar.add_task(f"{m.name} {pattern}", total=len(layers)) if bar else None
+        for i, layer in enumerate(layers):
+            home = next(layer.parameters()).device
+            layer.to(device)
+            on_linear = (lambda name, i=i: bar.update(task, description=f"{m.name} {pattern} · layer {i}.{name}")) if bar else None
+            report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear)
+            layer.to(home)
+            reports.append(report)
+            if bar:
+                bar.advance(task)
+    total = time.perf_counter() - t0
+    return summarize(reports, method=m.name, pattern=str(pattern), options=opts, seconds=total)
+
+
+def summarize(reports: list[dict], *, method: str, pattern: str, options: dict, seconds: float) -> dict:
+    zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for r in reports for e in r["linears"])
+    total = sum(e["shape"][0] * e["shape"][1] for r in reports for e in r["linears"])
+    stage = {k: round(sum(r["seconds"][k] for r in reports), 3) for k in ("statistics", "prune", "forward")}
+    return {
+        "method": method,
+        "pattern": pattern,
+        "options": options,
+        "sparsity": zeros / total if total else 0.0,
+        "seconds": {"total": round(seconds, 3), **stage},
+        "layers": reports,
+    }
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

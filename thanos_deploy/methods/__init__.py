@@ -1,0 +1,51 @@
+"""The pruning methods. Each is one module with a pure function
+
+    prune(weight [out, in], stats, pattern, **options) -> new weight
+
+and is registered here with its options and their defaults. A new method is one new file and one
+entry in METHODS.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import UserError
+from . import magnitude, wanda
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    prune: Callable
+    needs_hessian: bool = False
+    validate: Callable | None = None  # validate(pattern, options): reject bad combinations early
+
+    @property
+    def defaults(self) -> dict:
+        """Options the method takes, with their default values."""
+        params = list(inspect.signature(self.prune).parameters.values())[3:]
+        return {p.name: p.default for p in params}
+
+    def options(self, given: dict) -> dict:
+        """The full option set: defaults overridden by `given`; unknown names are an error."""
+        unknown = sorted(k for k, v in given.items() if k not in self.defaults and v is not None)
+        if unknown:
+            takes = ", ".join(self.defaults) or "no options"
+            raise UserError(f"method '{self.name}' does not take option(s) {', '.join(unknown)}; it takes {takes}")
+        return {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+
+
+METHODS: dict[str, Method] = {
+    "magnitude": Method("magnitude", magnitude.prune),
+    "wanda": Method("wanda", wanda.prune),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name.lower()]
+    except KeyError:
+        raise UserError(f"unknown method '{name}': choose one of {', '.join(METHODS)}") from None

@@ -1,0 +1,163 @@
+"""Sparsity patterns and the mask selections every method shares.
+
+A weight is `[out, in]` (rows, columns). All patterns act along the input dimension, which is the
+GEMM reduction axis K: that is where 2:4 sparse tensor cores and TensorRT expect the groups.
+
+- `unstructured:P`  a fraction P of the weights are zero, anywhere.
+- `N:M`             in every group of M consecutive weights of a row, N are zero (2:4, 4:8, 1:4...).
+- `structured:P`    a fraction P of the input columns are zero in every (non-outlier) row, so they
+                    can be removed physically.
+
+Mask helpers return boolean masks where True means "prune". Ties are broken by position (lowest
+flat index first) so that a mask is the same on every device and every run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    sparsity: float
+
+    def __str__(self) -> str:
+        return f"unstructured:{self.sparsity:g}"
+
+    def zeros(self, rows: int, cols: int) -> int:
+        """Exact number of weights to remove from a rows x cols matrix."""
+        return math.floor(self.sparsity * rows * cols + 1e-9)
+
+
+@dataclass(frozen=True)
+class NM:
+    n: int
+    m: int
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def sparsity(self) -> float:
+        return self.n / self.m
+
+
+@dataclass(frozen=True)
+class Structured:
+    sparsity: float
+
+    def __str__(self) -> str:
+        return f"structured:{self.sparsity:g}"
+
+    def columns(self, cols: int) -> int:
+        """Number of input columns to remove (no outlier rows)."""
+        return math.floor(self.sparsity * cols + 1e-9)
+
+
+Pattern = Unstructured | NM | Structured
+
+_HELP = "use unstructured:P (0<=P<1), N:M (0<N<M, e.g. 2:4) or structured:P (0<=P<1)"
+
+
+def parse_pattern(text: str | Pattern) -> Pattern:
+    """Parse '2:4', 'unstructured:0.5' or 'structured:0.3' into a pattern object."""
+    if isinstance(text, (Unstructured, NM, Structured)):
+        return text
+    spec = str(text).strip().lower()
+    if m := re.fullmatch(r"(\d+):(\d+)", spec):
+        n, m_ = int(m.group(1)), int(m.group(2))
+        if not 0 < n < m_:
+            raise UserError(f"invalid pattern '{text}': N:M needs 0 < N < M (for example 2:4)")
+        return NM(n, m_)
+    if m := re.fullmatch(r"(unstructured|structured):([-+0-9.eE]+)", spec):
+        try:
+            p = float(m.group(2))
+        except ValueError:
+            raise UserError(f"invalid pattern '{text}': '{m.group(2)}' is not a number; {_HELP}") from None
+        if not 0.0 <= p < 1.0:
+            raise UserError(f"invalid pattern '{text}': the sparsity must be in [0, 1), got {p:g}")
+        return Unstructured(p) if m.group(1) == "unstructured" else Structured(p)
+    raise UserError(f"invalid pattern '{text}': {_HELP}")
+
+
+def check_shape(pattern: Pattern, name: str, in_features: int) -> None:
+    """Reject a layer the pattern cannot be applied to, before any work is done."""
+    if isinstance(pattern, NM) and in_features % pattern.m:
+        raise UserError(
+            f"pattern {pattern} does not fit layer '{name}': its input size {in_features} is not a "
+            f"multiple of M={pattern.m}; choose an M that divides {in_features}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# mask selection
+
+
+def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k smallest entries of `scores` (any shape), ties by lowest flat index."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return mask.view_as(scores)
+    if k >= flat.numel():
+        return mask.fill_(True).view_as(scores)
+    threshold = flat.kthvalue(k).values
+    mask = flat < threshold
+    missing = k - int(mask.sum())
+    ties = (flat == threshold).nonzero().squeeze(1)[:missing]
+    mask[ties] = True
+    return mask.view_as(scores)
+
+
+def smallest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k smallest entries of every row (stable: ties by lowest column)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        idx = torch.argsort(scores, dim=1, stable=True)[:, :k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask of the n smallest entries in every group of m consecutive columns of each row."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    idx = torch.argsort(groups, dim=-1, stable=True)[..., :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def mask_for(pattern: Pattern, scores: torch.Tensor, *, per_row: bool) -> torch.Tensor:
+    """The mask a score-only method (magnitude, Wanda) prunes.
+
+    unstructured: the P smallest per row (`per_row`, Wanda's comparison group) or over the whole
+    matrix (magnitude's single threshold); N:M: the N smallest of every group; structured: the
+    columns with the smallest mean score.
+    """
+    rows, cols = scores.shape
+    if isinstance(pattern, NM):
+        return n_of_m(scores, pattern.n, pattern.m)
+    if isinstance(pattern, Structured):
+        dropped = smallest(scores.mean(dim=0), pattern.columns(cols))
+        return dropped.unsqueeze(0).expand(rows, cols).clone()
+    if per_row:
+        return smallest_per_row(scores, math.floor(pattern.sparsity * cols + 1e-9))
+    return smallest(scores, pattern.zeros(rows, cols))
+
+
+def satisfies(pattern: Pattern, weight: torch.Tensor, dense_rows: torch.Tensor | None = None) -> bool:
+    """Whether `weight` holds the pattern's zeros (N:M: at least N zeros per group) on every row
+    except `dense_rows` (a boolean row mask of outlier rows kept dense)."""
+    w = weight if dense_rows is None else weight[~dense_rows]
+    if isinstance(pattern, NM):
+        zeros = (w.reshape(w.shape[0], -1, pattern.m) == 0).sum(-1)
+        return bool((zeros >= pattern.n).all())
+    if isinstance(pattern, Structured):
+        return int((w == 0).all(dim=0).sum()) >= pattern.columns(weight.shape[1])
+    return int((w == 0).sum()) >= pattern.zeros(*weight.shape)
