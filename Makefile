@@ -19,8 +19,8 @@ setup: $(STAMP)
 	./scripts/get-austen.sh
 
 demo: setup
-	$(VENV)/bin/thanos-deploy compress smollm2-135m --method wanda --pattern 2:4 \
-	    --nsamples 32 --seqlen 512 --eval-windows 16 --out out/smollm2-wanda-2of4 --overwrite
+	$(VENV)/bin/thanos-deploy compare smollm2-135m --pattern 2:4 --methods dense,wanda,sparsegpt,thanos \
+	    --nsamples 16 --seqlen 512 --eval-windows 16
 
 test: setup
 	$(PY) -m pytest -q

@@ -23,9 +23,7 @@ def prune_weight(weight: torch.Tensor, inputs: torch.Tensor, *, method: str, pat
     """Prune one weight matrix [out, in] given calibration inputs [tokens, in]; returns the new weight."""
     m = get_method(method)
     pattern = parse_pattern(pattern)
-    opts = m.options(options)
-    if m.validate:
-        m.validate(pattern, opts)
+    opts = m.options(pattern, options)
     check_shape(pattern, "weight", weight.shape[1])
     stats = Stats.from_inputs(inputs.to(weight.device), hessian=True)
     return m.prune(weight, stats, pattern, **opts)

@@ -66,7 +66,7 @@ def _eval(model, tokenizer, source: str, seqlen: int, max_windows: int, device) 
 def compress(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or smollm2-135m"),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the pruned checkpoint to"),
-    method: str = typer.Option("wanda", help="wanda or magnitude"),
+    method: str = typer.Option("thanos", help="thanos, sparsegpt, wanda or magnitude"),
     pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P or structured:P"),
     calib: str = typer.Option("austen", help="austen, c4, wikitext2, or a .txt/.jsonl file"),
     calib_tokens: Optional[Path] = typer.Option(None, help="Exact calibration tokens [n, seqlen]: .pt, .npy or .safetensors"),
@@ -88,9 +88,7 @@ def compress(
     """Prune MODEL layer by layer and save it as a Hugging Face folder with thanos_deploy.json."""
     m = get_method(method)
     patt = parse_pattern(pattern)
-    options = m.options({"alpha": alpha, "block_size": block_size, "row_batch": row_batch, "percdamp": percdamp})
-    if m.validate:
-        m.validate(patt, options)
+    options = m.options(patt, {"alpha": alpha, "block_size": block_size, "row_batch": row_batch, "percdamp": percdamp})
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
     checkpoint.check_output(out, overwrite)
@@ -174,6 +172,55 @@ def _print_report(report: dict, evaluation: dict, out: Path) -> None:
             f"pruned {p['perplexity']:.3f} ({p['perplexity'] / d['perplexity']:.2f}×)"
         )
     console.print(f"saved to {out}")
+
+
+@app.command("compare")
+def compare_cmd(
+    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or smollm2-135m"),
+    pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P or structured:P"),
+    methods: str = typer.Option("dense,wanda,sparsegpt,thanos", help="Comma-separated runs; options as thanos:alpha=0.1"),
+    calib: str = typer.Option("austen", help="austen, c4, wikitext2, or a .txt/.jsonl file"),
+    nsamples: int = typer.Option(64, help="Calibration windows"),
+    seqlen: int = typer.Option(512, help="Tokens per calibration window"),
+    seed: int = typer.Option(0, help="Seed of the calibration windows"),
+    eval_data: str = typer.Option("austen", help="Evaluation data"),
+    eval_seqlen: int = typer.Option(512, help="Tokens per evaluation window"),
+    eval_windows: int = typer.Option(64, help="Evaluation windows"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON"),
+):
+    """Prune MODEL with several methods on the same data and print their perplexity side by side."""
+    from .compare import Run, compare
+
+    runs = [Run.parse(spec) for spec in methods.split(",") if spec.strip()]
+    if nsamples < 1:
+        raise UserError(f"--nsamples must be at least 1, got {nsamples}")
+    results = compare(
+        model, runs, parse_pattern(pattern), calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        eval_data=eval_data, eval_seqlen=eval_seqlen, eval_windows=eval_windows, device=_device(device), progress=not as_json,
+    )
+    if as_json:
+        print(json.dumps(results))
+        return
+    console.print(results_table(results, f"{model} · {pattern} · calibration {nsamples}×{seqlen} {calib}"))
+
+
+def results_table(results: list[dict], title: str) -> Table:
+    """The comparison table: perplexity, ratio to dense, achieved sparsity, seconds."""
+    dense = next((r["perplexity"] for r in results if r["method"] == "dense"), None)
+    table = Table(title=title)
+    for col in ("method", "perplexity", "× dense", "sparsity", "pruning math s", "total s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in results:
+        table.add_row(
+            r["label"],
+            f"{r['perplexity']:.3f}",
+            f"{r['perplexity'] / dense:.2f}" if dense else "",
+            f"{r['sparsity']:.3f}",
+            f"{r['prune_seconds']:.1f}" if r["prune_seconds"] is not None else "",
+            f"{r['seconds']:.1f}" if r["seconds"] is not None else "",
+        )
+    return table
 
 
 @app.command("eval")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import models
+from .errors import UserError
 from .methods import get_method
 from .patterns import check_shape, parse_pattern
 from .stats import InputStats
@@ -122,7 +123,10 @@ def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options:
         t1 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            new = method.prune(weight, stats, pattern, **options)
+            try:
+                new = method.prune(weight, stats, pattern, **options)
+            except UserError as e:
+                raise UserError(f"layers.{index}.{name}: {e}") from None
         if new.is_cuda:
             torch.cuda.synchronize(new.device)
         seconds = time.perf_counter() - t1
@@ -168,9 +172,7 @@ def compress_model(
     """
     m = get_method(method)
     pattern = parse_pattern(pattern)
-    opts = m.options(options)
-    if m.validate:
-        m.validate(pattern, opts)
+    opts = m.options(pattern, options)
     layers = models.decoder_layers(model)
     for i, layer in enumerate(layers):
         for name, linear in models.linears(layer).items():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UserError
-from . import magnitude, wanda
+from . import magnitude, sparsegpt, thanos, wanda
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Method:
     name: str
     prune: Callable
     needs_hessian: bool = False
-    validate: Callable | None = None  # validate(pattern, options): reject bad combinations early
+    configure: Callable | None = None  # configure(pattern, options) -> options: checks, pattern-dependent defaults
 
     @property
     def defaults(self) -> dict:
@@ -29,18 +29,24 @@ class Method:
         params = list(inspect.signature(self.prune).parameters.values())[3:]
         return {p.name: p.default for p in params}
 
-    def options(self, given: dict) -> dict:
-        """The full option set: defaults overridden by `given`; unknown names are an error."""
+    def options(self, pattern, given: dict) -> dict:
+        """The full option set for `pattern`: defaults overridden by `given` (None = not given).
+
+        Unknown names and bad values are a UserError, raised before any work is done.
+        """
         unknown = sorted(k for k, v in given.items() if k not in self.defaults and v is not None)
         if unknown:
             takes = ", ".join(self.defaults) or "no options"
             raise UserError(f"method '{self.name}' does not take option(s) {', '.join(unknown)}; it takes {takes}")
-        return {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        options = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        return self.configure(pattern, options) if self.configure else options
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method("magnitude", magnitude.prune),
+    "thanos": Method("thanos", thanos.prune, needs_hessian=True, configure=thanos.configure),
+    "sparsegpt": Method("sparsegpt", sparsegpt.prune, needs_hessian=True, configure=sparsegpt.configure),
     "wanda": Method("wanda", wanda.prune),
+    "magnitude": Method("magnitude", magnitude.prune),
 }
 
 

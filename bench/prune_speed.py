@@ -1,0 +1,81 @@
+"""Time the per-layer pruning math alone (no forward passes): Wanda, SparseGPT and Thanos.
+
+    python bench/prune_speed.py [--shapes smollm2|llama2-7b|all] [--patterns 2:4,unstructured:0.5]
+
+Shapes are SmolLM2-135M's linears and LLaMA-2-7B's (4096x4096, 11008x4096, 4096x11008), with a
+synthetic positive-definite Hessian (low rank plus diagonal, like real activations). Each method
+runs on the same inputs in one process; the table gives seconds and the ratio Thanos/SparseGPT.
+Writes bench/results/prune_speed-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from thanos_deploy.methods import get_method
+from thanos_deploy.patterns import parse_pattern
+from thanos_deploy.stats import Stats
+
+SHAPES = {
+    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+    "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+}
+METHODS = ("wanda", "sparsegpt", "thanos")
+
+
+def synthetic(rows: int, cols: int, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    V = torch.randn(cols, 256, generator=g) * torch.rand(cols, 1, generator=g)
+    H = V @ V.T + torch.diag(torch.rand(cols, generator=g) + 0.05)
+    W = torch.randn(rows, cols, generator=g) * 0.02
+    H = H.to(device)
+    return W.to(device), Stats(sq_norms=H.diagonal().clone(), hessian=H, tokens=cols)
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="all", choices=[*SHAPES, "all"])
+    ap.add_argument("--patterns", default="2:4,unstructured:0.5")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    shapes = [s for k, v in SHAPES.items() if args.shapes in (k, "all") for s in v]
+    rows_out = []
+    print(f"device {device}, {torch.get_num_threads()} CPU threads; seconds of pruning math per linear")
+    print(f"{'shape':>12} {'pattern':>17} " + " ".join(f"{m:>10}" for m in METHODS) + f" {'thanos/sgpt':>12}")
+    for rows, cols in shapes:
+        W, stats = synthetic(rows, cols, device)
+        for spec in args.patterns.split(","):
+            pattern = parse_pattern(spec)
+            seconds = {}
+            for name in METHODS:
+                m = get_method(name)
+                opts = m.options(pattern, {})
+                timed(lambda: m.prune(W[:64], stats, pattern, **opts), device)  # warm-up
+                seconds[name] = min(timed(lambda: m.prune(W, stats, pattern, **opts), device) for _ in range(args.repeats))
+            ratio = seconds["thanos"] / seconds["sparsegpt"]
+            rows_out.append({"shape": [rows, cols], "pattern": spec, "seconds": seconds, "thanos_over_sparsegpt": ratio})
+            print(f"{rows:>5}x{cols:<6} {spec:>17} " + " ".join(f"{seconds[m]:>10.3f}" for m in METHODS) + f" {ratio:>12.2f}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"prune_speed-{device.type}.json").write_text(json.dumps({"device": str(device), "results": rows_out}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

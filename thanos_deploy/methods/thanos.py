@@ -1,0 +1,136 @@
+"""Thanos (Ilin & Richtárik, 2025): block-wise pruning with the exact multi-weight OBS update.
+
+Per block of B columns [i1, i2), with F = [i1, b) the columns still free to move:
+1. pick the mask M on the block with the Wanda score |W_ij|·‖X_j‖ of the current weights
+   (unstructured: the still-missing zeros are the smallest scores over all of W[:, F], and only the
+   ones inside the block are taken now; N:M: the N smallest of every group of M);
+2. for each row r with pruned set q = M_r, remove all of q at once, exactly:
+       solve  (H_FF⁻¹)[q, q] λ = W[r, q],    then   W[r, F] -= λᵀ (H_FF⁻¹)[q, F]
+   which minimises ‖ΔW_r X_F‖² subject to W_r[q] = 0 (earlier columns are frozen).
+
+No inverse is recomputed per block. With U the Cholesky factor of H⁻¹ (hessian.py),
+(H_FF⁻¹)[block, F] = U[block, block]ᵀ U[block, F], so with Λ the λ's scattered into block
+positions (c x B), the update of all rows is E = Λ U[block, block]ᵀ, W[:, F] -= E U[block, F]:
+two matmuls, like SparseGPT's lazy update. What remains per row is one small SPD system of size
+|q_r| (Cholesky-solved in batches of `row_batch` rows; unstructured rows are sorted by |q_r| so a
+batch pads little).
+
+Structured: the s columns with the smallest (Σ_r W_rj²)·‖X_j‖² are removed from every non-outlier
+row at once: W -= W[:, Q] (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}, one shared s x s system.
+
+Outlier rows (`alpha`, N:M and structured): the ⌊α·c⌋ rows with the largest Σ_j W_ij²‖X_j‖² are
+left dense; every other row holds the pattern exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import UserError
+from ..patterns import NM, Pattern, Structured, Unstructured, n_of_m, smallest
+from ..stats import Stats
+from .hessian import check_options, dead_columns, inverse_cholesky, outlier_rows, trailing_inverse
+
+
+def configure(pattern: Pattern, options: dict) -> dict:
+    """Pattern-dependent defaults (α = 0.1 for structured, else 0) and range checks."""
+    alpha = options["alpha"]
+    if alpha is None:
+        alpha = 0.1 if isinstance(pattern, Structured) else 0.0
+    if not 0.0 <= alpha <= 0.5:
+        raise UserError(f"--alpha must be in [0, 0.5], got {alpha:g}")
+    if alpha > 0 and isinstance(pattern, Unstructured):
+        raise UserError("--alpha (dense outlier rows) applies to N:M and structured patterns only; use --alpha 0 with unstructured")
+    return {**check_options(pattern, options), "alpha": alpha}
+
+
+def structured_columns(pattern: Structured, cols: int, alpha: float) -> int:
+    """s = ⌈P·b/(1-α)⌉, capped below b: the overall zero fraction stays about P with dense rows."""
+    return min(math.ceil(pattern.sparsity * cols / (1 - alpha) - 1e-9), cols - 1)
+
+
+def prune(
+    weight: torch.Tensor,
+    stats: Stats,
+    pattern: Pattern,
+    *,
+    block_size: int = 512,
+    row_batch: int = 256,
+    percdamp: float = 0.01,
+    alpha: float | None = None,
+) -> torch.Tensor:
+    alpha = configure(pattern, {"alpha": alpha, "block_size": block_size, "row_batch": row_batch, "percdamp": percdamp})["alpha"]
+    W, H = dead_columns(weight, stats.hessian)
+    sq_norms = stats.sq_norms.to(W.dtype)
+    dense = outlier_rows(W, sq_norms, alpha)
+    U = inverse_cholesky(H, percdamp)
+    active = W[~dense]
+    if isinstance(pattern, Structured):
+        active = _structured(active, U, sq_norms, structured_columns(pattern, W.shape[1], alpha))
+    else:
+        active = _blockwise(active, U, sq_norms.sqrt(), pattern, block_size, row_batch)
+    W[~dense] = active
+    return W.to(weight.dtype)
+
+
+def _blockwise(W: torch.Tensor, U: torch.Tensor, norms: torch.Tensor, pattern: Pattern, block_size: int, row_batch: int) -> torch.Tensor:
+    rows, cols = W.shape
+    missing = pattern.zeros(rows, cols) if isinstance(pattern, Unstructured) else 0
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        if isinstance(pattern, NM):
+            mask = n_of_m(W[:, i1:i2].abs() * norms[i1:i2], pattern.n, pattern.m)
+        else:
+            mask = smallest(W[:, i1:].abs() * norms[i1:], missing)[:, : i2 - i1].contiguous()
+            missing -= int(mask.sum())
+        Ub = U[i1:i2, i1:i2]
+        lam = _solve_rows(trailing_inverse(U, i1, i2), W[:, i1:i2], mask, row_batch)
+        E = lam @ Ub.T
+        W[:, i1:] -= E @ U[i1:i2, i1:]
+        W[:, i1:i2].masked_fill_(mask, 0.0)
+    return W
+
+
+def _solve_rows(G: torch.Tensor, Wb: torch.Tensor, mask: torch.Tensor, row_batch: int) -> torch.Tensor:
+    """Λ (rows x B): for each row r, λ solving G[q, q] λ = Wb[r, q] with q = mask[r], scattered to q.
+
+    Rows are taken in order of |q| so each batch pads to a similar size (N:M needs no padding);
+    padded entries get an identity row/column and a zero right-hand side, so their λ is 0.
+    """
+    rows, width = Wb.shape
+    lam = torch.zeros_like(Wb)
+    counts = mask.sum(1)
+    order = torch.argsort(counts, stable=True)
+    order = order[counts[order] > 0]
+    cols = torch.arange(width, device=Wb.device)
+    for chunk in order.split(row_batch):
+        m = mask[chunk]
+        s = int(counts[chunk].max())
+        idx = torch.sort(torch.where(m, cols, cols + width), dim=1).values[:, :s] % width  # pruned columns first
+        valid = m.gather(1, idx)
+        A = G[idx.unsqueeze(2), idx.unsqueeze(1)]
+        if not bool(valid.all()):
+            A.masked_fill_(~(valid.unsqueeze(2) & valid.unsqueeze(1)), 0.0)
+            A.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1.0)
+        rhs = (Wb[chunk].gather(1, idx) * valid).unsqueeze(2)
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):  # not expected for an SPD principal submatrix; be safe
+            x = torch.linalg.solve(A, rhs)
+        else:
+            x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True)
+        lam[chunk] = torch.zeros_like(m, dtype=Wb.dtype).scatter_(1, idx, x.squeeze(2) * valid)
+    return lam
+
+
+def _structured(W: torch.Tensor, U: torch.Tensor, sq_norms: torch.Tensor, s: int) -> torch.Tensor:
+    if s <= 0 or W.shape[0] == 0:
+        return W
+    score = W.square().sum(0) * sq_norms
+    Q = torch.nonzero(smallest(score, s)).squeeze(1)
+    Hinv_Q = U[:, Q].T @ U  # rows Q of H⁻¹ = UᵀU
+    L = torch.linalg.cholesky(Hinv_Q[:, Q])
+    W = W - W[:, Q] @ torch.cholesky_solve(Hinv_Q, L)
+    W[:, Q] = 0.0
+    return W
