@@ -51,7 +51,7 @@ def test_every_group_of_four_has_two_zeros(wanda_2of4):
     _, folder, _ = wanda_2of4
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     count = 0
-    for layer in models.decoder_layers(reloaded):
+    for layer in models.decoder_layers(pruned):
         for name, lin in models.linears(layer).items():
             w = lin.weight
             assert ((w.view(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all(), name
@@ -67,3 +67,61 @@ def test_wanda_perplexity_is_sane_and_beats_magnitude(setup, wanda_2of4):
     compress_model(magnitude_model, ids, method="magnitude", pattern="2:4")
     magnitude = perplexity(magnitude_model, windows)["perplexity"]
     assert magnitude > wanda, (magnitude, wanda)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_shrunk_model_matches_masked_model(setup, alpha, tmp_path):
+    from thanos_deploy import load
+    from thanos_deploy.compact import shrink_model
+
+    model, tokenizer, ids, windows, _ = setup
+    pruned = copy.deepcopy(model)
+    compress_model(pruned, ids[:8], method="thanos", pattern="structured:0.3", alpha=alpha)
+    masked_model = copy.deepcopy(pruned)
+    with torch.no_grad():
+        masked = pruned(windows[:1, :256]).logits
+    specs = shrink_model(pruned, alpha=alpha)
+    checkpoint.save(pruned, tokenizer, tmp_path / "s", {"storage": "shrunk", "modules": specs, "pattern": "structured:0.3"})
+    reloaded, _ = load(str(tmp_path / "s"))
+    x = windows[:1, :256]
+    with torch.no_grad():
+        compact32 = reloaded(x).logits
+        assert torch.equal(pruned(x).logits, compact32)
+        # exact math: in float64 the compact and masked models agree far below 1e-4
+        masked64 = masked_model.double()(x).logits
+        compact64 = reloaded.double()(x).logits
+    assert (compact64 - masked64).abs().max() < 1e-9
+    # float32: the difference is rounding, no larger than the float32 model's own distance to float64
+    floor = (masked.double() - masked64).abs().max()
+    assert (compact32 - masked).abs().max() <= 2 * floor
+    # FLOPs really went down
+    dense_macs = sum(l.in_features * l.out_features for layer in models.decoder_layers(model) for l in models.linears(layer).values())
+    macs = 0
+    for layer in models.decoder_layers(pruned):
+        for name, module in models.linears(layer).items():
+            macs += module.in_features * module.out_features
+        for name, module in layer.named_modules():
+            if type(module).__name__ == "CompactLinear":
+                kept = module.in_features if module.in_index is None else len(module.in_index)
+                macs += module.weight.shape[0] * kept + (0 if module.dense_rows is None else len(module.dense_rows) * module.in_features)
+    assert macs < 0.8 * dense_macs
+
+
+def test_packed_2of4_checkpoint_size(wanda_2of4, tmp_path):
+    from thanos_deploy.compact import pack_model
+    from thanos_deploy.patterns import parse_pattern
+
+    pruned, _, _ = wanda_2of4
+    half = copy.deepcopy(pruned).to(torch.float16)
+    specs = pack_model(half, parse_pattern("2:4"))
+    out = checkpoint.save(half, None, tmp_path / "p", {"storage": "packed", "modules": specs, "pattern": "2:4"})
+    from safetensors import safe_open
+
+    packed_bytes = dense_fp16 = 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for name, spec in specs.items():
+            for suffix in ("values", "meta"):
+                t = f.get_tensor(f"{name}.{suffix}")
+                packed_bytes += t.numel() * t.element_size()
+            dense_fp16 += spec["in_features"] * spec["out_features"] * 2
+    assert packed_bytes <= 0.57 * dense_fp16

@@ -1,21 +1,36 @@
 """Writing outputs atomically, and saving/loading pruned checkpoints.
 
-A checkpoint is a plain Hugging Face folder (config, safetensors, tokenizer) plus
-`thanos_deploy.json`, the manifest: what was done, with what, and how well.
+A checkpoint is a Hugging Face folder (config.json, safetensors, tokenizer) plus
+`thanos_deploy.json`, the manifest: what was done, how well, and how it is stored.
+
+- `masked`: the standard layout; plain `AutoModelForCausalLM.from_pretrained` loads it.
+- `shrunk` / `packed`: compact linears (compact/). Their shapes live in the manifest's `modules`
+  (stock configs have one width per model); tensors are in `model.safetensors`, never pickles.
+  Packed N:M weights are stored as `<name>.values` + `<name>.meta` (compact/packing.py).
+
+The manifest records the sha256 of every safetensors file; `load` refuses a file that does not
+match, so a truncated or tampered checkpoint fails loudly instead of running garbage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from .errors import UserError
 
 MANIFEST = "thanos_deploy.json"
+WEIGHTS = "model.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
@@ -29,35 +44,63 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
 
 
 @contextmanager
-def staged(out: str | Path, overwrite: bool = False, *, is_dir: bool = True):
-    """Yield a temporary path next to `out`; on success it replaces `out` in one rename.
+def staged(out: str | Path, overwrite: bool = False):
+    """Yield a temporary folder next to `out`; on success it replaces `out` in one rename.
 
-    On any error the temporary path is removed and `out` is left as it was.
+    On any error the temporary folder is removed and `out` is left as it was.
     """
     out = check_output(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    target = tmp if is_dir else tmp / out.name
     try:
-        yield target
+        yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
-            os.replace(target, out)
+            os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(target, out)
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
-    """Save a pruned model as a Hugging Face folder with its manifest, atomically."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(model: nn.Module, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
+    """Save a pruned model with its manifest, atomically. `manifest['storage']` picks the layout."""
+    storage = manifest.get("storage", "masked")
     with staged(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        if storage == "masked":
+            model.save_pretrained(tmp)
+        else:
+            _save_compact(model, manifest["modules"], tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        files = {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
     return Path(out)
+
+
+def _save_compact(model: nn.Module, modules: dict, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .compact.packing import pack
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to the input embeddings, restored on load
+    for name, spec in modules.items():
+        if spec["kind"] == "packed":
+            values, meta = pack(state.pop(f"{name}.weight"), spec["n"], spec["m"])
+            state[f"{name}.values"], state[f"{name}.meta"] = values, meta
+    model.config.save_pretrained(folder)
+    save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -70,12 +113,112 @@ def read_manifest(folder: str | Path) -> dict | None:
         raise UserError(f"'{path}' is not valid JSON ({e}): the checkpoint is damaged, re-create it") from None
 
 
+def verify_files(folder: Path, manifest: dict) -> None:
+    for name, digest in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"checkpoint '{folder}' lacks {name}: it is incomplete, re-create it")
+        if _sha256(path) != digest:
+            raise UserError(f"'{path}' does not match the hash in {MANIFEST}: the file is damaged or was modified; re-create the checkpoint")
+
+
 def load_pretrained(where, *, dtype="auto"):
-    """Load a causal LM from a folder or hub id."""
+    """Load any checkpoint: masked (plain transformers) or compact (shapes from the manifest)."""
     from transformers import AutoModelForCausalLM
 
+    folder = Path(where) if Path(str(where)).is_dir() else None
+    manifest = read_manifest(folder) if folder else None
+    if manifest is not None:
+        verify_files(folder, manifest)
     try:
-        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-    except (OSError, ValueError) as e:
+        if manifest is None or manifest.get("storage", "masked") == "masked":
+            return AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        return _load_compact(folder, manifest, dtype)
+    except (OSError, ValueError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model '{where}': {msg}") from None
+
+
+def _load_compact(folder: Path, manifest: dict, dtype) -> nn.Module:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .compact.packing import unpack
+
+    config = AutoConfig.from_pretrained(folder)
+    try:
+        state = load_file(folder / WEIGHTS)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"'{folder / WEIGHTS}' cannot be read ({e}): the file is damaged, re-create the checkpoint") from None
+    stored = next(v.dtype for v in state.values() if v.is_floating_point())
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=stored)
+    for name, spec in manifest["modules"].items():
+        if spec["kind"] == "packed":
+            values = state.pop(f"{name}.values", None)
+            meta = state.pop(f"{name}.meta", None)
+            if values is None or meta is None:
+                raise UserError(f"'{folder / WEIGHTS}' lacks the packed tensors of {name}: re-create the checkpoint")
+            try:
+                state[f"{name}.weight"] = unpack(values, meta, spec["n"], spec["m"], spec["in_features"])
+            except RuntimeError:
+                raise UserError(f"packed tensors of {name} disagree with {MANIFEST}: re-create the checkpoint") from None
+        model.set_submodule(name, _empty_module(spec, stored))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise UserError(f"tensor shapes in '{folder / WEIGHTS}' disagree with {MANIFEST} ({detail}): re-create the checkpoint") from None
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        names = sorted(set(missing) - tied)[:3] + sorted(unexpected)[:3]
+        raise UserError(f"'{folder / WEIGHTS}' does not match {MANIFEST} (tensors {', '.join(names)}): re-create the checkpoint")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    return model.to(dtype) if dtype not in ("auto", None) else model
+
+
+def _empty_module(spec: dict, dtype) -> nn.Module:
+    from .compact.linear import CompactLinear
+
+    out, inp = spec["out_features"], spec["in_features"]
+    bias = torch.empty(out, dtype=dtype) if spec.get("bias") else None
+    if spec["kind"] == "linear":
+        return nn.Linear(inp, out, bias=spec.get("bias", False), dtype=dtype)
+    d = spec.get("dense_rows", 0)
+    kept = spec.get("kept_rounded", inp) if spec["kind"] == "shrunk" else inp
+    return CompactLinear(
+        torch.empty(out - d, kept, dtype=dtype),
+        in_features=inp,
+        in_index=torch.empty(kept, dtype=torch.long) if spec["kind"] == "shrunk" else None,
+        dense_rows=torch.arange(d) if d else None,
+        dense_weight=torch.empty(d, inp, dtype=dtype) if d else None,
+        bias=bias,
+        packed=(spec["n"], spec["m"]) if spec["kind"] == "packed" else None,
+    )
+
+
+def place(model: nn.Module, device) -> nn.Module:
+    """Move a loaded model to `device`. Packed 2:4 linears get PyTorch's semi-structured sparse
+    weights on CUDA with compute capability >= 8.0; elsewhere they stay dense-with-zeros (with a
+    warning on other accelerators: CPU has no 2:4 kernels, that is expected)."""
+    from .compact.linear import CompactLinear
+
+    device = torch.device(device)
+    model.to(device)
+    packed = [m for m in model.modules() if isinstance(m, CompactLinear) and getattr(m, "packed", None)]
+    if not packed or device.type == "cpu":
+        return model
+    capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    for module in packed:
+        w = module.weight.data
+        fits = module.packed == (2, 4) and w.dtype in (torch.float16, torch.bfloat16) and w.shape[0] % 32 == 0 and w.shape[1] % 64 == 0
+        if capable and fits:
+            module.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(w), requires_grad=False)
+        else:
+            reason = "needs CUDA compute capability >= 8.0" if not capable else "needs 2:4, fp16/bf16 and rows % 32 = cols % 64 = 0"
+            warnings.warn(f"semi-structured sparse kernels not used for a {tuple(w.shape)} {w.dtype} weight ({reason}); running it dense")
+    return model

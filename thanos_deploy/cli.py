@@ -21,7 +21,9 @@ from .driver import compress_model
 from .errors import UserError
 from .evaluate import perplexity
 from .methods import get_method
-from .patterns import check_shape, parse_pattern
+from .compact import pack_model, shrink_model
+from .inspect import inspect_model
+from .patterns import NM, Structured, check_shape, parse_pattern
 
 app = typer.Typer(
     add_completion=False,
@@ -30,6 +32,8 @@ app = typer.Typer(
     help="Prune LLMs with Thanos, SparseGPT, Wanda or magnitude; evaluate, save and ship them.",
 )
 console = Console()
+if not console.is_terminal:
+    console.width = 160  # logs and pipes: no wrapping of the tables
 
 
 def _device(name: str) -> torch.device:
@@ -83,12 +87,17 @@ def compress(
     eval_windows: int = typer.Option(0, help="Also report dense and pruned perplexity on this many windows"),
     eval_data: str = typer.Option("austen", help="Evaluation data for --eval-windows"),
     eval_seqlen: int = typer.Option(512, help="Window length for --eval-windows"),
+    shrink: bool = typer.Option(False, help="structured: remove the pruned columns physically"),
+    pack: bool = typer.Option(False, help="N:M: store the pattern rows packed (values + 2-bit positions for 2:4)"),
+    save_dtype: str = typer.Option("auto", help="Save in this dtype: auto (as pruned), float32, float16 or bfloat16"),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
 ):
     """Prune MODEL layer by layer and save it as a Hugging Face folder with thanos_deploy.json."""
     m = get_method(method)
     patt = parse_pattern(pattern)
     options = m.options(patt, {"alpha": alpha, "block_size": block_size, "row_batch": row_batch, "percdamp": percdamp})
+    storage = _storage(patt, shrink, pack)
+    _save_dtype(save_dtype)
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
     checkpoint.check_output(out, overwrite)
@@ -124,6 +133,7 @@ def compress(
         "format": "thanos-deploy/1",
         "storage": "masked",
         "source_model": model,
+        "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
         **{k: report[k] for k in ("method", "pattern", "options", "sparsity")},
         "calibration": {
             "source": calib_source,
@@ -137,9 +147,115 @@ def compress(
         "seconds": {**report["seconds"], "command": round(time.perf_counter() - started, 3)},
         "layers": report["layers"],
     }
+    manifest = _compact(net, manifest, storage, save_dtype)
     with console.status(f"saving to {out}"):
         checkpoint.save(net, tokenizer, out, manifest, overwrite=overwrite)
     _print_report(report, evaluation, out)
+    if storage != "masked":
+        _print_inspect(inspect_model(net, manifest), totals_only=True)
+
+
+def _storage(pattern, shrink: bool, pack: bool) -> str:
+    if shrink and pack:
+        raise UserError("--shrink and --pack exclude each other: --shrink is for structured patterns, --pack for N:M")
+    if shrink and not isinstance(pattern, Structured):
+        raise UserError(f"--shrink needs a structured pattern (structured:P), not {pattern}; use --pack for N:M")
+    if pack and not isinstance(pattern, NM):
+        raise UserError(f"--pack needs an N:M pattern (e.g. 2:4), not {pattern}; use --shrink for structured")
+    return "shrunk" if shrink else "packed" if pack else "masked"
+
+
+def _save_dtype(name: str):
+    if name != "auto" and name not in checkpoint.DTYPES:
+        raise UserError(f"unknown --save-dtype '{name}': choose auto, {', '.join(checkpoint.DTYPES)}")
+    return checkpoint.DTYPES.get(name)
+
+
+def _compact(net, manifest: dict, storage: str, save_dtype: str = "auto") -> dict:
+    """Cast for saving, then shrink or pack in place; returns the manifest to save."""
+    if (dtype := _save_dtype(save_dtype)) is not None:
+        net.to(dtype)
+        manifest = {**manifest, "dtype": str(dtype).removeprefix("torch.")}
+    if storage == "masked":
+        return manifest
+    pattern = parse_pattern(manifest["pattern"])
+    alpha = (manifest.get("options") or {}).get("alpha") or 0.0
+    modules = shrink_model(net, alpha=alpha) if storage == "shrunk" else pack_model(net, pattern, alpha=alpha)
+    return {**manifest, "storage": storage, "modules": modules}
+
+
+def _convert(source: str, out: Path, storage: str, overwrite: bool, pattern: Optional[str], save_dtype: str) -> None:
+    checkpoint.check_output(out, overwrite)
+    _save_dtype(save_dtype)
+    folder = Path(source)
+    manifest = checkpoint.read_manifest(folder) if folder.is_dir() else None
+    if manifest is None:
+        if pattern is None:
+            raise UserError(f"'{source}' has no {checkpoint.MANIFEST}: pass --pattern to say how it was pruned")
+        manifest = {"format": "thanos-deploy/1", "storage": "masked", "source_model": source, "pattern": pattern}
+    elif pattern is not None and parse_pattern(pattern) != parse_pattern(manifest["pattern"]):
+        raise UserError(f"--pattern {pattern} disagrees with the checkpoint's pattern {manifest['pattern']}")
+    if manifest.get("storage", "masked") != "masked":
+        raise UserError(f"'{source}' is already {manifest['storage']}: {storage} works on masked checkpoints")
+    _storage(parse_pattern(manifest["pattern"]), storage == "shrunk", storage == "packed")
+    net, tokenizer = models.load(source)
+    manifest = _compact(net, {k: v for k, v in manifest.items() if k != "files"}, storage, save_dtype)
+    checkpoint.save(net, tokenizer, out, manifest, overwrite=overwrite)
+    _print_inspect(inspect_model(net, manifest), totals_only=True)
+    console.print(f"saved to {out}")
+
+
+def _converter(storage: str, what: str, doc: str):
+    def command(
+        model: str = typer.Argument(..., help=f"A masked checkpoint pruned with {what} pattern"),
+        out: Path = typer.Option(..., "--out", "-o", help=f"Folder for the {storage} checkpoint"),
+        pattern: Optional[str] = typer.Option(None, help="The pattern, when the folder has no thanos_deploy.json"),
+        save_dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16"),
+        overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+    ):
+        _convert(model, out, storage, overwrite, pattern, save_dtype)
+
+    command.__doc__ = doc
+    return command
+
+
+app.command("shrink")(_converter("shrunk", "a structured", "Remove structured-pruned columns physically (and narrow MLPs without outlier rows)."))
+app.command("pack")(_converter("packed", "an N:M", "Store N:M weights packed: kept values plus their positions (2 bits each for 2:4)."))
+
+
+@app.command("inspect")
+def inspect_cmd(
+    target: str = typer.Argument(..., help="A checkpoint folder (or model spec)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+):
+    """Per-linear table: shape, storage, density, 2:4 validity along the input axis, outlier rows, FLOPs, bytes."""
+    net, _ = models.load(target)
+    folder = Path(target)
+    result = inspect_model(net, checkpoint.read_manifest(folder) if folder.is_dir() else None)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        _print_inspect(result)
+
+
+def _print_inspect(result: dict, totals_only: bool = False) -> None:
+    t = result["totals"]
+    if not totals_only:
+        table = Table(title=f"storage: {result['storage']}")
+        for col in ("linear", "shape", "storage", "density", "2:4 (K)", "outlier rows", "FLOPs vs dense", "bytes vs dense"):
+            table.add_column(col, justify="left" if col in ("linear", "storage") else "right")
+        for r in result["rows"]:
+            table.add_row(
+                r["name"], "×".join(map(str, r["shape"])), r["storage"], f"{r['density']:.3f}",
+                "yes" if r["two_four"] else f"no ({r['two_four_rows']})", str(r["outlier_rows"]),
+                f"{r['flops_vs_dense']:.3f}", f"{r['bytes'] / r['dense_bytes']:.3f}",
+            )
+        console.print(table)
+    console.print(
+        f"{t['linears']} linears · density {t['density']:.3f} · FLOPs {t['flops_vs_dense']:.3f}× dense · "
+        f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes'] / t['dense_bytes']:.3f}× the same weights dense) · "
+        f"2:4 along K in {t['two_four_linears']}/{t['linears']} linears"
+    )
 
 
 def _print_report(report: dict, evaluation: dict, out: Path) -> None:

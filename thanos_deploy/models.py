@@ -150,3 +150,19 @@ def load(spec: str, *, dtype: str = "auto"):
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# model_type -> (linears that produce the MLP's hidden channels, the linear that consumes them)
+MLP = {
+    "llama": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+    "mistral": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+    "qwen2": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+    "qwen3": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+    "opt": (("fc1",), "fc2"),
+}
+
+
+def layer_prefix(model: nn.Module, index: int) -> str:
+    """Full module name of decoder layer `index`, e.g. 'model.layers.3'."""
+    decoder_layers(model)
+    return f"{DECODER_LAYERS[model.config.model_type]}.{index}"
