@@ -125,3 +125,40 @@ def test_packed_2of4_checkpoint_size(wanda_2of4, tmp_path):
                 packed_bytes += t.numel() * t.element_size()
             dense_fp16 += spec["in_features"] * spec["out_features"] * 2
     assert packed_bytes <= 0.57 * dense_fp16
+
+
+@pytest.fixture(scope="module")
+def shrunk_structured(setup):
+    from thanos_deploy.compact import shrink_model
+
+    model, _, ids, _, _ = setup
+    pruned = copy.deepcopy(model)
+    compress_model(pruned, ids[:8], method="thanos", pattern="structured:0.3", alpha=0.1)
+    shrink_model(pruned, alpha=0.1)
+    return pruned
+
+
+@pytest.mark.parametrize("variant", ["dense", "2:4 masked", "structured shrunk"])
+@pytest.mark.parametrize("past", [True, False])
+def test_onnx_runtime_parity(setup, wanda_2of4, shrunk_structured, tmp_path, variant, past):
+    from thanos_deploy.exporters.onnx import write_artifact
+    from thanos_deploy.runtime import open_backend
+
+    model, tokenizer, _, windows, _ = setup
+    net = {"dense": model, "2:4 masked": wanda_2of4[0], "structured shrunk": shrunk_structured}[variant]
+    # with past: the default path (dynamo exporter); without: the legacy exporter, the fallback
+    report = write_artifact(copy.deepcopy(net), tokenizer, tmp_path / "onnx", dtype="fp32", with_past=past, exporter="auto" if past else "legacy")
+    assert report["exporter"] == ("dynamo" if past else "legacy")
+    assert report["verification"]["max_abs_diff"] < 1e-3
+    ids = windows[:1, :64]
+    with torch.no_grad():
+        expected = net(ids).logits
+    runner = open_backend("ort", str(tmp_path / "onnx"))
+    got, state = runner.prefill(ids)
+    assert (got - expected).abs().max() < 1e-3
+    if variant == "2:4 masked":
+        assert report["two_four"]["two_four_along_k"] == 30 * 7  # every decoder linear; the LM head is dense
+        if past:
+            prompt = windows[:1, :16]
+            torch_ids = open_backend("torch", str(wanda_2of4[1])).generate(prompt, 20)
+            assert torch.equal(runner.generate(prompt, 20), torch_ids)

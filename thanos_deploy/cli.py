@@ -223,12 +223,113 @@ app.command("shrink")(_converter("shrunk", "a structured", "Remove structured-pr
 app.command("pack")(_converter("packed", "an N:M", "Store N:M weights packed: kept values plus their positions (2 bits each for 2:4)."))
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Export a checkpoint to a deployment format.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    model: str = typer.Argument(..., help="Any checkpoint thanos_deploy.load accepts (dense, masked, packed, shrunk)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write model.onnx, config, tokenizer and export_report.json to"),
+    dtype: str = typer.Option("fp32", help="fp32 or fp16 (a real fp16 graph)"),
+    past: bool = typer.Option(True, "--past/--no-past", help="With KV cache inputs/outputs (default) or logits only"),
+    exporter: str = typer.Option("auto", help="auto (dynamo, then legacy), dynamo or legacy"),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+):
+    """Export to ONNX (Optimum names, dynamic batch/sequence/past), then verify against PyTorch with ONNX Runtime."""
+    from .exporters.onnx import TOLERANCE, write_artifact
+
+    if dtype not in TOLERANCE:
+        raise UserError(f"unknown --dtype '{dtype}': use fp32 or fp16")
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise UserError(f"unknown --exporter '{exporter}': use auto, dynamo or legacy")
+    checkpoint.check_output(out, overwrite)
+    net, tokenizer = models.load(model)
+    with console.status("exporting and verifying (a minute for SmolLM2)"):
+        report = write_artifact(net, tokenizer, out, dtype=dtype, with_past=past, exporter=exporter, overwrite=overwrite)
+    _print_export(report, out)
+
+
+def _print_export(report: dict, out: Path) -> None:
+    console.print(f"exported with the {report['exporter']} exporter in {report['export_seconds']:.1f} s"
+                  + (f" ({report['fallback_reason']})" if report["fallback_reason"] else ""))
+    for c in report["verification"]["checks"]:
+        console.print(f"  ORT vs PyTorch, batch {c['batch']} seq {c['seq']} past {c['past']}: max abs diff logits "
+                      f"{c['max_abs_logits']:.2e}, present {c['max_abs_present']:.2e}")
+    t = report["two_four"]
+    console.print(f"  2:4 along K (TensorRT's rule): {t['two_four_along_k']} of {t['weights']} MatMul/Gemm weights")
+    console.print(f"saved to {out}")
+
+
+@app.command("build-engine")
+def build_engine_cmd(
+    onnx_path: Path = typer.Argument(..., help="model.onnx or an exported folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="Engine file (.plan); a .json report and timing cache go next to it"),
+    sparse: bool = typer.Option(True, "--sparse/--dense", help="Enable 2:4 sparse weights (SPARSE_WEIGHTS)"),
+    shapes: Optional[str] = typer.Option(None, help="Profile ranges: batch=1:1:4,seq=1:128:512,past=0:128:1024"),
+    workspace_mib: int = typer.Option(4096, help="Builder workspace limit in MiB"),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+):
+    """Build a TensorRT engine (needs an NVIDIA GPU and TensorRT) and report which layers went sparse."""
+    from .exporters.tensorrt import build_engine, parse_shapes, require_tensorrt
+    from .runtime.ort import onnx_path as resolve_onnx
+
+    source = resolve_onnx(onnx_path)
+    parse_shapes(shapes)
+    checkpoint.check_output(out, overwrite)
+    require_tensorrt()
+    report = build_engine(source, out, sparse=sparse, shapes=shapes, workspace_mib=workspace_mib)
+    s = report["sparsity"]
+    console.print(f"engine saved to {out} (TensorRT {report['tensorrt']})")
+    console.print(f"sparse math: {len(s['eligible'])} layers eligible, {len(s['picked_sparse'])} picked a sparse tactic")
+    console.print(f"equivalent: {report['trtexec']}")
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help="torch: a checkpoint; ort: an exported folder or .onnx; tensorrt: a .plan"),
+    backend: str = typer.Option("torch", help="torch, ort or tensorrt"),
+    prompt: str = typer.Option(..., help="Text to continue"),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate (greedy)"),
+    device: str = typer.Option("cpu", help="torch backend: cpu or cuda"),
+    provider: str = typer.Option("cpu", help="ort backend: cpu, cuda or tensorrt"),
+    tokenizer_path: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: next to the model)"),
+):
+    """Greedy generation on any backend, so you can see the pruned model talk."""
+    from transformers import AutoTokenizer
+
+    from .runtime import open_backend
+
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    options = {"device": _device(device).type} if backend == "torch" else {"provider": provider} if backend == "ort" else {}
+    runner = open_backend(backend, model, **options)
+    tokenizer = getattr(runner, "tokenizer", None)
+    if tokenizer is None:
+        where = tokenizer_path or (Path(model).parent if Path(model).is_file() else model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+        except (OSError, ValueError):
+            raise UserError(f"no tokenizer found in '{where}': pass --tokenizer FOLDER") from None
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    if ids.numel() == 0:
+        raise UserError("--prompt is empty")
+    t0 = time.perf_counter()
+    out = runner.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - t0
+    console.print(prompt, style="bold", end="")
+    console.print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), highlight=False)
+    console.print(f"[{backend}] {out.shape[1] - ids.shape[1]} tokens in {seconds:.2f} s", style="dim")
+
+
 @app.command("inspect")
 def inspect_cmd(
-    target: str = typer.Argument(..., help="A checkpoint folder (or model spec)"),
+    target: str = typer.Argument(..., help="A checkpoint folder (or model spec), or an .onnx file"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ):
     """Per-linear table: shape, storage, density, 2:4 validity along the input axis, outlier rows, FLOPs, bytes."""
+    if target.endswith(".onnx"):
+        return _inspect_onnx(target, as_json)
     net, _ = models.load(target)
     folder = Path(target)
     result = inspect_model(net, checkpoint.read_manifest(folder) if folder.is_dir() else None)
@@ -236,6 +337,24 @@ def inspect_cmd(
         print(json.dumps(result))
     else:
         _print_inspect(result)
+
+
+def _inspect_onnx(path: str, as_json: bool) -> None:
+    from .exporters.sparsity import check_model
+
+    if not Path(path).is_file():
+        raise UserError(f"ONNX file '{path}' does not exist")
+    rows = check_model(path)
+    if as_json:
+        print(json.dumps({"weights": rows}))
+        return
+    table = Table(title=f"{path}: MatMul/Gemm weights, 2:4 along K (TensorRT's rule)")
+    for col in ("node", "op", "initializer", "shape", "K axis", "2:4 along K"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["node"], r["op"], r["initializer"], "×".join(map(str, r["shape"])), str(r["k_axis"]), "yes" if r["two_four"] else "no")
+    console.print(table)
+    console.print(f"{sum(r['two_four'] for r in rows)} of {len(rows)} weights are 2:4 along K")
 
 
 def _print_inspect(result: dict, totals_only: bool = False) -> None:

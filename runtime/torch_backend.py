@@ -1,0 +1,30 @@
+"""PyTorch eager: any checkpoint thanos_deploy.load accepts; packed 2:4 linears use the
+semi-structured sparse kernels on CUDA (compute capability 8.0+)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .base import Backend
+
+
+class TorchBackend(Backend):
+    def __init__(self, target: str, *, device: str = "cpu", dtype: str = "auto"):
+        from thanos_deploy import load
+
+        self.model, self.tokenizer = load(target, device=device, dtype=dtype)
+        self.device = torch.device(device)
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    @torch.no_grad()
+    def step(self, input_ids, attention_mask, position_ids, state):
+        from transformers import DynamicCache
+
+        cache = state if state is not None else DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device), use_cache=True, **{self.cache_arg: cache},
+        )
+        return out.logits.float().cpu(), cache
