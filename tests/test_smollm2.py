@@ -51,7 +51,7 @@ def test_every_group_of_four_has_two_zeros(wanda_2of4):
     _, folder, _ = wanda_2of4
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     count = 0
-    for layer in models.decoder_layers(pruned):
+    for layer in models.decoder_layers(reloaded):
         for name, lin in models.linears(layer).items():
             w = lin.weight
             assert ((w.view(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all(), name
