@@ -51,12 +51,13 @@ def test_trailing_inverse_matches_direct_inverse():
 # ---------------------------------------------------------------- Thanos
 
 
-def test_thanos_single_block_is_global_wanda_mask_plus_exact_least_squares():
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])  # 0.8: most rows prune more than half (the |k|-sized solve)
+def test_thanos_single_block_is_global_wanda_mask_plus_exact_least_squares(sparsity):
     W, X, st = problem(rows=12, cols=40)
-    new = thanos.prune(W, st, parse_pattern("unstructured:0.5"), block_size=64)
+    new = thanos.prune(W, st, parse_pattern(f"unstructured:{sparsity}"), block_size=64)
     # independent computation: global Wanda mask, then per row min ‖(w'-w)X‖²_H s.t. w'[q] = 0
     score = W.abs() * X.norm(dim=0)
-    k = math.floor(0.5 * W.numel())
+    k = math.floor(sparsity * W.numel())
     mask = torch.zeros(W.numel(), dtype=torch.bool)
     mask[torch.argsort(score.flatten(), stable=True)[:k]] = True
     mask = mask.view_as(W)

@@ -107,7 +107,9 @@ def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return mask.view_as(scores)
     if k >= flat.numel():
         return mask.fill_(True).view_as(scores)
-    threshold = flat.kthvalue(k).values
+    # the k-th smallest value: linear-time selection on CPU; CUDA's kthvalue works one slice per
+    # thread block, far slower on one big slice than a full sort
+    threshold = flat.kthvalue(k).values if flat.device.type == "cpu" else flat.sort().values[k - 1]
     mask = flat < threshold
     missing = k - int(mask.sum())
     ties = (flat == threshold).nonzero().squeeze(1)[:missing]

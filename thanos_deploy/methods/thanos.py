@@ -12,8 +12,8 @@ No inverse is recomputed per block. With U the Cholesky factor of H⁻¹ (hessia
 (H_FF⁻¹)[block, F] = U[block, block]ᵀ U[block, F], so with Λ the λ's scattered into block
 positions (c x B), the update of all rows is E = Λ U[block, block]ᵀ, W[:, F] -= E U[block, F]:
 two matmuls, like SparseGPT's lazy update. What remains per row is one small SPD system of size
-|q_r| (Cholesky-solved in batches of `row_batch` rows; unstructured rows are sorted by |q_r| so a
-batch pads little).
+min(|q_r|, B - |q_r|) (Cholesky-solved in batches of `row_batch` rows; rows are sorted by size
+so a batch pads little).
 
 Structured: the s columns with the smallest (Σ_r W_rj²)·‖X_j‖² are removed from every non-outlier
 row at once: W -= W[:, Q] (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}, one shared s x s system.
@@ -85,43 +85,66 @@ def _blockwise(W: torch.Tensor, U: torch.Tensor, norms: torch.Tensor, pattern: P
         else:
             mask = smallest(W[:, i1:].abs() * norms[i1:], missing)[:, : i2 - i1].contiguous()
             missing -= int(mask.sum())
-        Ub = U[i1:i2, i1:i2]
-        lam = _solve_rows(trailing_inverse(U, i1, i2), W[:, i1:i2], mask, row_batch)
-        E = lam @ Ub.T
+        E = _block_update(U, i1, i2, W[:, i1:i2], mask, row_batch)
         W[:, i1:] -= E @ U[i1:i2, i1:]
         W[:, i1:i2].masked_fill_(mask, 0.0)
     return W
 
 
-def _solve_rows(G: torch.Tensor, Wb: torch.Tensor, mask: torch.Tensor, row_batch: int) -> torch.Tensor:
-    """Λ (rows x B): for each row r, λ solving G[q, q] λ = Wb[r, q] with q = mask[r], scattered to q.
+def _block_update(U: torch.Tensor, i1: int, i2: int, Wb: torch.Tensor, mask: torch.Tensor, row_batch: int) -> torch.Tensor:
+    """E (rows x B) such that W[:, F] -= E U[block, F] removes every row's pruned set exactly.
 
-    Rows are taken in order of |q| so each batch pads to a similar size (N:M needs no padding);
-    padded entries get an identity row/column and a zero right-hand side, so their λ is 0.
+    A row pruning q (kept k) solves either |q| unknowns on G = H_FF⁻¹[block, block] = UbᵀUb,
+    λ = G_qq⁻¹ w_q and E = λ Ubᵀ; or, when it prunes more than half of the block, |k| unknowns on
+    S = G⁻¹ (the block's Schur complement of H): with Δ_q = -w_q the kept part is
+    Δ_k = S_kk⁻¹ S_kq w_q, and E = -Δ Ub⁻¹. Same solution, smaller system.
     """
-    rows, width = Wb.shape
-    lam = torch.zeros_like(Wb)
+    width = Wb.shape[1]
+    Ub = U[i1:i2, i1:i2]
+    E = torch.zeros_like(Wb)
+    counts = mask.sum(1)
+    by_q = torch.nonzero((counts > 0) & (counts <= width // 2)).squeeze(1)
+    by_k = torch.nonzero(counts > width // 2).squeeze(1)
+    if len(by_q):
+        E[by_q] = _principal_solve(trailing_inverse(U, i1, i2), Wb[by_q], mask[by_q], row_batch) @ Ub.T
+    if len(by_k):
+        Ub_inv = torch.linalg.solve_triangular(Ub, torch.eye(width, dtype=Ub.dtype, device=Ub.device), upper=True)
+        S = Ub_inv @ Ub_inv.T
+        pruned = Wb[by_k] * mask[by_k]
+        kept = _principal_solve(S, pruned @ S, ~mask[by_k], row_batch)
+        E[by_k] = (pruned - kept) @ Ub_inv
+    return E
+
+
+def _principal_solve(M: torch.Tensor, rhs: torch.Tensor, mask: torch.Tensor, row_batch: int) -> torch.Tensor:
+    """X (rows x B): for each row r, x solving M[i, i] x = rhs[r, i] with i = mask[r], scattered to i.
+
+    Rows are taken in order of |i| so each batch pads to a similar size (N:M needs no padding);
+    padded entries get an identity row/column and a zero right-hand side, so their x is 0.
+    """
+    width = rhs.shape[1]
+    out = torch.zeros_like(rhs)
     counts = mask.sum(1)
     order = torch.argsort(counts, stable=True)
     order = order[counts[order] > 0]
-    cols = torch.arange(width, device=Wb.device)
+    cols = torch.arange(width, device=rhs.device)
     for chunk in order.split(row_batch):
         m = mask[chunk]
         s = int(counts[chunk].max())
-        idx = torch.sort(torch.where(m, cols, cols + width), dim=1).values[:, :s] % width  # pruned columns first
+        idx = torch.sort(torch.where(m, cols, cols + width), dim=1).values[:, :s] % width  # selected columns first
         valid = m.gather(1, idx)
-        A = G[idx.unsqueeze(2), idx.unsqueeze(1)]
+        A = M[idx.unsqueeze(2), idx.unsqueeze(1)]
         if not bool(valid.all()):
             A.masked_fill_(~(valid.unsqueeze(2) & valid.unsqueeze(1)), 0.0)
             A.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1.0)
-        rhs = (Wb[chunk].gather(1, idx) * valid).unsqueeze(2)
+        b = (rhs[chunk].gather(1, idx) * valid).unsqueeze(2)
         L, info = torch.linalg.cholesky_ex(A)
         if bool((info != 0).any()):  # not expected for an SPD principal submatrix; be safe
-            x = torch.linalg.solve(A, rhs)
+            x = torch.linalg.solve(A, b)
         else:
-            x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True)
-        lam[chunk] = torch.zeros_like(m, dtype=Wb.dtype).scatter_(1, idx, x.squeeze(2) * valid)
-    return lam
+            x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, b, upper=False), upper=True)
+        out[chunk] = torch.zeros_like(m, dtype=rhs.dtype).scatter_(1, idx, x.squeeze(2) * valid)
+    return out
 
 
 def _structured(W: torch.Tensor, U: torch.Tensor, sq_norms: torch.Tensor, s: int) -> torch.Tensor:
