@@ -36,3 +36,10 @@ k = x.numel() // 2
 print(f"kthvalue 45M: {t(lambda: x.kthvalue(k), 2):.3f} ms")
 print(f"sort 45M: {t(lambda: x.sort(), 2):.3f} ms")
 print(f"topk 45M k/2: {t(lambda: x.topk(k, largest=False), 2):.3f} ms")
+print(f"cholesky_inverse + bmm {t(lambda: torch.cholesky_inverse(L) @ b):.3f} ms")
+print(f"inv_ex + bmm {t(lambda: torch.linalg.inv_ex(A)[0] @ b):.3f} ms")
+Linv = torch.linalg.inv_ex(L)[0]
+print(f"tri-inverse via solve_triangular(L, I) {t(lambda: torch.linalg.solve_triangular(L, torch.eye(s, device=dev).expand(v, s, s), upper=False)):.3f} ms")
+print(f"2 bmv with Linv {t(lambda: Linv.mT @ (Linv @ b)):.3f} ms")
+A64 = A.double()
+print(f"cholesky_ex fp64 {t(lambda: torch.linalg.cholesky_ex(A64)):.3f} ms")

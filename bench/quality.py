@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from rich.console import Console
 
 from thanos_deploy import models
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    transformers.logging.disable_progress_bar()
     protocol = dict(nsamples=16, seqlen=256, eval_windows=16) if args.quick else dict(nsamples=64, seqlen=512, eval_windows=64)
     common = dict(calib="austen", seed=0, eval_data="austen", eval_seqlen=512, device=torch.device(args.device), progress=True, **protocol)
     console = Console()
@@ -65,8 +67,6 @@ def main() -> None:
         f"{args.model}, calibration {protocol['nsamples']}×{protocol['seqlen']} tokens (Sense and Sensibility + Pride and Prejudice, seed 0), "
         f"evaluation {protocol['eval_windows']}×512 tokens (Emma + Persuasion), device {args.device}, {torch.get_num_threads()} threads"
     )
-    for r in rows:
-        r["label"] = f"{r['label']}"
     table_rows = [{**r, "label": f"{r['pattern']} · {r['label']}"} for r in rows]
     console.print(results_table([dense, *table_rows], header))
     for pattern in args.patterns.split(","):

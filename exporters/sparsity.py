@@ -26,7 +26,7 @@ def two_four_along(weight: np.ndarray, axis: int) -> bool:
 
 
 def check_model(model) -> list[dict]:
-    """One row per constant MatMul/Gemm weight: node, initializer, shape, K axis, 2:4 along K."""
+    """One row per constant MatMul/Gemm weight: node, initializer, shape, K axis, 2:4 along K, density, bytes."""
     import onnx
     from onnx import numpy_helper
 
@@ -85,5 +85,7 @@ def check_model(model) -> list[dict]:
                 "shape": list(array.shape),
                 "k_axis": axis,
                 "two_four": two_four_along(array, axis),
+                "density": float(np.count_nonzero(array)) / array.size,
+                "bytes": int(array.nbytes),
             })
     return rows

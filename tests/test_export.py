@@ -72,7 +72,7 @@ def test_transposed_and_cast_weights_are_traced_to_the_initializer():
         helper.make_node("MatMul", ["x", "wc"], ["y"]),
     ]
     rows = sparsity.check_model(graph_with(nodes, {"w": w}))
-    assert rows == [{"node": "y", "op": "MatMul", "initializer": "w", "shape": [6, 8], "k_axis": 1, "two_four": True}]
+    assert rows == [{"node": "y", "op": "MatMul", "initializer": "w", "shape": [6, 8], "k_axis": 1, "two_four": True, "density": 0.5, "bytes": 192}]
 
 
 def test_k_not_multiple_of_four_is_not_eligible():

@@ -30,7 +30,6 @@ from .errors import UserError
 
 MANIFEST = "thanos_deploy.json"
 WEIGHTS = "model.safetensors"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:

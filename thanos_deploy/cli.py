@@ -117,6 +117,8 @@ def compress(
             ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=_seqlen(net, seqlen), seed=seed)
         calib_source = calib
     data.check_tokens(ids, net.config.vocab_size)
+    if _seqlen(net, ids.shape[1]) < ids.shape[1]:
+        raise UserError(f"calibration windows of {ids.shape[1]} tokens exceed this model's maximum of {_seqlen(net, ids.shape[1])}")
 
     evaluation = {}
     if eval_windows > 0:
@@ -166,9 +168,9 @@ def _storage(pattern, shrink: bool, pack: bool) -> str:
 
 
 def _save_dtype(name: str):
-    if name != "auto" and name not in checkpoint.DTYPES:
-        raise UserError(f"unknown --save-dtype '{name}': choose auto, {', '.join(checkpoint.DTYPES)}")
-    return checkpoint.DTYPES.get(name)
+    if name != "auto" and name not in models.DTYPES:
+        raise UserError(f"unknown --save-dtype '{name}': choose auto, {', '.join(models.DTYPES)}")
+    return models.DTYPES.get(name)
 
 
 def _compact(net, manifest: dict, storage: str, save_dtype: str = "auto") -> dict:
@@ -349,12 +351,13 @@ def _inspect_onnx(path: str, as_json: bool) -> None:
         print(json.dumps({"weights": rows}))
         return
     table = Table(title=f"{path}: MatMul/Gemm weights, 2:4 along K (TensorRT's rule)")
-    for col in ("node", "op", "initializer", "shape", "K axis", "2:4 along K"):
+    for col in ("node", "op", "initializer", "shape", "K axis", "2:4 along K", "density", "bytes"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["node"], r["op"], r["initializer"], "×".join(map(str, r["shape"])), str(r["k_axis"]), "yes" if r["two_four"] else "no")
+        table.add_row(r["node"], r["op"], r["initializer"], "×".join(map(str, r["shape"])), str(r["k_axis"]),
+                      "yes" if r["two_four"] else "no", f"{r['density']:.3f}", str(r["bytes"]))
     console.print(table)
-    console.print(f"{sum(r['two_four'] for r in rows)} of {len(rows)} weights are 2:4 along K")
+    console.print(f"{sum(r['two_four'] for r in rows)} of {len(rows)} weights are 2:4 along K · {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB")
 
 
 def _print_inspect(result: dict, totals_only: bool = False) -> None:

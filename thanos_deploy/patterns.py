@@ -151,15 +151,3 @@ def mask_for(pattern: Pattern, scores: torch.Tensor, *, per_row: bool) -> torch.
     if per_row:
         return smallest_per_row(scores, math.floor(pattern.sparsity * cols + 1e-9))
     return smallest(scores, pattern.zeros(rows, cols))
-
-
-def satisfies(pattern: Pattern, weight: torch.Tensor, dense_rows: torch.Tensor | None = None) -> bool:
-    """Whether `weight` holds the pattern's zeros (N:M: at least N zeros per group) on every row
-    except `dense_rows` (a boolean row mask of outlier rows kept dense)."""
-    w = weight if dense_rows is None else weight[~dense_rows]
-    if isinstance(pattern, NM):
-        zeros = (w.reshape(w.shape[0], -1, pattern.m) == 0).sum(-1)
-        return bool((zeros >= pattern.n).all())
-    if isinstance(pattern, Structured):
-        return int((w == 0).all(dim=0).sum()) >= pattern.columns(weight.shape[1])
-    return int((w == 0).sum()) >= pattern.zeros(*weight.shape)

@@ -73,7 +73,6 @@ class InputStats:
     """
 
     def __init__(self, linears: dict[str, nn.Linear], *, hessian: bool, sample_every: int = 1):
-        self.linears = linears
         self.hessian = hessian
         self.sample_every = sample_every
         self.owner: dict[str, str] = {}  # linear name -> name of the linear whose stats it shares
