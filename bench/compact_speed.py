@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,11 +31,15 @@ from thanos_deploy.inspect import inspect_model
 
 
 def peak_memory_child(folder: str) -> None:
-    """Run in a fresh process: load, one 4x512 prefill, print peak RSS in MiB."""
+    """Run in a fresh process: load, one 4x512 prefill, print peak RSS in MiB.
+
+    VmHWM, not ru_maxrss: on Linux a child keeps its parent's ru_maxrss across fork and exec.
+    """
     model, _ = load(folder)
     with torch.no_grad():
         model(torch.randint(0, 1000, (4, 512)), use_cache=False)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    status = Path("/proc/self/status").read_text()
+    print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
 
 
 def model_flops(model) -> float:
