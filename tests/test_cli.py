@@ -112,3 +112,10 @@ def test_compress_and_eval_round_trip(tmp_path, tiny_folder, text_file):
     )
     assert again.returncode == 0, again.stderr
     assert json.loads((out / "thanos_deploy.json").read_text())["method"] == "magnitude"
+
+
+def test_hub_id_without_network(tmp_path):
+    out = tmp_path / "out"
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    r = run_cli("compress", "some-org/some-model", "--out", str(out), env=env)
+    assert_clean_failure(r, out, "could not load model 'some-org/some-model'")

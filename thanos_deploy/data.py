@@ -11,14 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
-from . import austen
+from . import austen, hub
 from .errors import UserError
 
 HUB_SOURCES = ("c4", "wikitext2")
@@ -60,14 +58,8 @@ def _hub_dataset(source: str, *args, **kwargs):
             f"'{source}' is read through the 'datasets' package: pip install 'thanos-deploy[datasets]', "
             "or use austen or a .txt/.jsonl file"
         ) from None
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-        online = True
-    except OSError:
-        online = False
+    online = hub.reachable()
+    if not online:
         datasets.config.HF_HUB_OFFLINE = True  # only a local cache can help now
     try:
         return datasets.load_dataset(*args, **kwargs)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hub
 from .errors import UserError
 
 # model_type -> attribute path of the decoder layers. Linears inside a layer are found generically.
@@ -125,6 +126,8 @@ def load(spec: str, *, dtype: str = "auto"):
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
     where = resolve(spec)
+    if isinstance(where, str):
+        hub.reachable()  # offline: use the local cache only, and fail at once
     try:
         config = AutoConfig.from_pretrained(where)
     except OSError as e:

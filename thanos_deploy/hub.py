@@ -1,0 +1,26 @@
+"""The Hugging Face hub: find out at once whether it can be reached.
+
+Offline, huggingface_hub retries each request with back-off (about 20 s) and logs every retry;
+we probe the endpoint once and, when it cannot be reached, switch to offline mode so that only a
+local cache is used and a missing file fails immediately.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+
+def reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub endpoint accepts a connection; if not, put huggingface_hub offline."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return False
