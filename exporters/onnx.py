@@ -135,10 +135,11 @@ def _export_legacy(graph: DecoderGraph, args: tuple, path: Path, external: bool)
 def verify(path: Path, graph: DecoderGraph, config, dtype_name: str) -> dict:
     """ORT vs PyTorch on two shapes (with past: an empty past, then a decode step on a non-empty one)."""
     import onnx
-    import onnxruntime as ort
+
+    from thanos_deploy.runtime.ort import create_session
 
     onnx.checker.check_model(str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = create_session(path, "cpu")
     dtype = next(graph.parameters()).dtype
     cases = [(1, 7, 0), (2, 4, 6), (1, 1, 9)] if graph.with_past else [(1, 7, 0), (2, 11, 0)]
     names = input_names(graph.num_layers, graph.with_past)

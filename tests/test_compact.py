@@ -75,7 +75,10 @@ def test_compact_linear_equals_dense(index, dense, bias):
         if rows is not None:
             main[rows] = False
         W[main.nonzero().squeeze(1).unsqueeze(1), pruned.nonzero().squeeze(1)] = 0
-    module = CompactLinear.from_dense(W, b, in_index=kept, dense_rows=rows)
+    if kept is not None:
+        module = CompactLinear.shrunk(W, b, in_index=kept, dense_rows=rows)
+    else:
+        module = CompactLinear.packed_rows(W, b, dense_rows=rows, pattern=(2, 4))
     x = torch.randn(3, 5, 40)
     assert torch.allclose(module(x), F.linear(x, W, b), atol=1e-5)
     assert torch.equal(module.dense(), W)

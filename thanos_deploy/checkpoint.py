@@ -188,15 +188,17 @@ def _empty_module(spec: dict, dtype) -> nn.Module:
     if spec["kind"] == "linear":
         return nn.Linear(inp, out, bias=spec.get("bias", False), dtype=dtype)
     d = spec.get("dense_rows", 0)
-    kept = spec.get("kept_rounded", inp) if spec["kind"] == "shrunk" else inp
+    dense_rows = torch.arange(d) if d else None
+    if spec["kind"] == "packed":
+        return CompactLinear(
+            torch.empty(out - d, inp, dtype=dtype), in_features=inp, out_features=out, dense_rows=dense_rows,
+            dense_weight=torch.empty(d, inp, dtype=dtype) if d else None, bias=bias, packed=(spec["n"], spec["m"]),
+        )
+    kept = spec["kept_rounded"]
     return CompactLinear(
-        torch.empty(out - d, kept, dtype=dtype),
-        in_features=inp,
-        in_index=torch.empty(kept, dtype=torch.long) if spec["kind"] == "shrunk" else None,
-        dense_rows=torch.arange(d) if d else None,
-        dense_weight=torch.empty(d, inp, dtype=dtype) if d else None,
-        bias=bias,
-        packed=(spec["n"], spec["m"]) if spec["kind"] == "packed" else None,
+        torch.empty(out, kept, dtype=dtype), in_features=inp, out_features=out, in_index=torch.empty(kept, dtype=torch.long),
+        dense_rows=dense_rows, dense_weight=torch.empty(d, inp - kept, dtype=dtype) if d else None,
+        dense_index=torch.empty(inp - kept, dtype=torch.long) if d else None, bias=bias,
     )
 
 

@@ -34,12 +34,12 @@ def _row(name: str, module: nn.Module, spec: dict) -> dict:
             stored = size(values) + size(meta)
             macs = main.shape[0] * module.in_features * (m - n) / m
             storage = f"packed {n}:{m}"
+            macs += d * module.in_features
         else:
-            stored = size(main) + size(module.in_index)
-            macs = main.shape[0] * kept
+            stored = size(main) + size(module.in_index) + size(module.dense_index)
+            macs = main.shape[0] * kept + d * (module.in_features - kept)
             storage = "shrunk"
         stored += size(module.dense_weight) + size(module.dense_rows) + bias
-        macs += d * module.in_features
         checked = main if module.packed else dense
     else:
         dense = module.weight.data

@@ -1,16 +1,20 @@
 """CompactLinear: a pruned linear layer that stores and computes only what is left.
 
-    y = W x + b,  W [out, in], stored as
-      weight        [out - d, k]  the rows that hold the pattern, over the kept input columns
-      in_index      [k]           which input columns are kept (absent: all of them)
-      dense_rows    [d]           the outlier rows kept dense (absent: none)
-      dense_weight  [d, in]       their full weights
-      bias          [out]
+y = W x + b with W [out, in] and d outlier rows kept dense, in one of two layouts:
 
-Forward: gather the kept columns, one matmul for the pattern rows, one dense matmul for the
-outlier rows, outputs put back in the original row order. A structured-pruned linear has
-k < in; a packed N:M linear has k = in and a `weight` that is dense-with-zeros on CPU or a
-semi-structured sparse tensor on CUDA.
+shrunk (structured: the non-outlier rows are zero outside k kept input columns)
+    weight        [out, k]       every row over the kept columns `in_index` [k]
+    dense_weight  [d, in - k]    the outlier rows over the other columns `dense_index`
+    forward: y = W[:, kept] x[kept]; y[dense_rows] += W[dense_rows, other] x[other]
+    (one big matmul over the kept columns, one small one for what only the outlier rows read)
+
+packed (N:M: the non-outlier rows hold the pattern, the outlier rows do not)
+    weight        [out - d, in]  the pattern rows: dense-with-zeros on CPU, a semi-structured
+                                 sparse tensor on CUDA; stored packed on disk (packing.py)
+    dense_weight  [d, in]        the outlier rows
+    forward: both matmuls, outputs put back in the original row order
+
+plus `dense_rows` [d] and `bias` [out]. Same flops either way: (out - d)·k + d·in.
 """
 
 from __future__ import annotations
@@ -26,21 +30,24 @@ class CompactLinear(nn.Module):
         weight: torch.Tensor,
         *,
         in_features: int,
+        out_features: int,
         in_index: torch.Tensor | None = None,
         dense_rows: torch.Tensor | None = None,
         dense_weight: torch.Tensor | None = None,
+        dense_index: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         packed: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.packed = packed  # (n, m) when the pattern rows are stored packed N:M
         if dense_rows is not None and len(dense_rows) == 0:
-            dense_rows = dense_weight = None
+            dense_rows = dense_weight = dense_index = None
         self.in_features = in_features
-        self.out_features = weight.shape[0] + (0 if dense_rows is None else len(dense_rows))
+        self.out_features = out_features
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("in_index", in_index)
         self.register_buffer("dense_rows", dense_rows)
+        self.register_buffer("dense_index", dense_index)
         self.dense_weight = None if dense_weight is None else nn.Parameter(dense_weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer("order", None, persistent=False)
@@ -48,34 +55,47 @@ class CompactLinear(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._update_order())
 
     def _update_order(self) -> None:
-        """The permutation that puts [pattern rows, dense rows] back in the original row order."""
-        if self.dense_rows is not None:
+        """packed layout: the permutation that puts [pattern rows, dense rows] back in row order."""
+        if self.dense_rows is not None and self.packed:
             main_rows = _complement(self.dense_rows, self.out_features)
             self.order = torch.argsort(torch.cat([main_rows, self.dense_rows]))
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, in_index=None, dense_rows=None, packed=None) -> "CompactLinear":
-        """Split a dense(-with-zeros) weight [out, in] into pattern rows over `in_index` and dense rows."""
-        if dense_rows is not None and len(dense_rows) == 0:
-            dense_rows = None
-        main = weight if dense_rows is None else weight[_complement(dense_rows, weight.shape[0])]
-        if in_index is not None:
-            main = main[:, in_index]
-        dense = None if dense_rows is None else weight[dense_rows].clone()
+    def shrunk(cls, weight: torch.Tensor, bias, *, in_index: torch.Tensor, dense_rows: torch.Tensor | None) -> "CompactLinear":
+        """From a dense(-with-zeros) weight whose non-outlier rows are zero outside `in_index`."""
+        other = _complement(in_index, weight.shape[1]) if dense_rows is not None and len(dense_rows) else None
+        return cls(
+            weight[:, in_index].contiguous(),
+            in_features=weight.shape[1],
+            out_features=weight.shape[0],
+            in_index=in_index,
+            dense_rows=dense_rows,
+            dense_weight=None if other is None else weight[dense_rows][:, other].contiguous(),
+            dense_index=other,
+            bias=None if bias is None else bias.detach().clone(),
+        )
+
+    @classmethod
+    def packed_rows(cls, weight: torch.Tensor, bias, *, dense_rows: torch.Tensor | None, pattern: tuple[int, int]) -> "CompactLinear":
+        """From a dense(-with-zeros) weight whose rows but `dense_rows` hold the N:M pattern."""
+        has_dense = dense_rows is not None and len(dense_rows) > 0
+        main = weight[_complement(dense_rows, weight.shape[0])] if has_dense else weight
         return cls(
             main.contiguous().clone(),
             in_features=weight.shape[1],
-            in_index=in_index,
-            dense_rows=dense_rows,
-            dense_weight=dense,
+            out_features=weight.shape[0],
+            dense_rows=dense_rows if has_dense else None,
+            dense_weight=weight[dense_rows].clone() if has_dense else None,
             bias=None if bias is None else bias.detach().clone(),
-            packed=packed,
+            packed=pattern,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         main = x if self.in_index is None else x.index_select(-1, self.in_index)
         y = F.linear(main, self.weight)
-        if self.order is not None:
+        if self.dense_index is not None:
+            y.index_add_(-1, self.dense_rows, F.linear(x.index_select(-1, self.dense_index), self.dense_weight))
+        elif self.order is not None:
             y = torch.cat([y, F.linear(x, self.dense_weight)], dim=-1).index_select(-1, self.order)
         return y if self.bias is None else y + self.bias
 
@@ -84,19 +104,21 @@ class CompactLinear(nn.Module):
         weight = self.weight
         if type(weight.data) is not torch.Tensor:  # a semi-structured sparse tensor
             weight = weight.to_dense()
-        main = torch.zeros(weight.shape[0], self.in_features, dtype=weight.dtype, device=weight.device)
-        if self.in_index is None:
-            main.copy_(weight)
-        else:
-            main[:, self.in_index] = weight
-        if self.order is None:
-            return main
-        return torch.cat([main, self.dense_weight]).index_select(0, self.order)
+        if self.packed:
+            if self.order is None:
+                return weight.detach().clone()
+            return torch.cat([weight, self.dense_weight]).index_select(0, self.order)
+        full = torch.zeros(self.out_features, self.in_features, dtype=weight.dtype, device=weight.device)
+        full[:, self.in_index] = weight
+        if self.dense_index is not None:
+            full[self.dense_rows.unsqueeze(1), self.dense_index] = self.dense_weight
+        return full
 
     def extra_repr(self) -> str:
         kept = self.in_features if self.in_index is None else len(self.in_index)
         dense = 0 if self.dense_rows is None else len(self.dense_rows)
-        return f"in_features={self.in_features}, out_features={self.out_features}, kept_inputs={kept}, dense_rows={dense}, bias={self.bias is not None}"
+        kind = f"packed {self.packed[0]}:{self.packed[1]}" if self.packed else "shrunk"
+        return f"{kind}, in_features={self.in_features}, out_features={self.out_features}, kept_inputs={kept}, dense_rows={dense}, bias={self.bias is not None}"
 
 
 def _complement(index: torch.Tensor, size: int) -> torch.Tensor:

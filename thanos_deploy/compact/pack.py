@@ -32,7 +32,7 @@ def pack_model(model: nn.Module, pattern: NM, *, alpha: float = 0.0) -> dict:
                     f"'{full}' violates {pattern} along its input dimension in {len(dense_rows)} rows "
                     f"(at most {allowed} outlier rows allowed): it cannot be packed"
                 )
-            layer.set_submodule(name, CompactLinear.from_dense(W, linear.bias, dense_rows=dense_rows, packed=(pattern.n, pattern.m)))
+            layer.set_submodule(name, CompactLinear.packed_rows(W, linear.bias, dense_rows=dense_rows, pattern=(pattern.n, pattern.m)))
             specs[full] = {
                 "kind": "packed", "n": pattern.n, "m": pattern.m, "in_features": W.shape[1], "out_features": W.shape[0],
                 "dense_rows": len(dense_rows), "bias": linear.bias is not None,

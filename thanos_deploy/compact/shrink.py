@@ -67,7 +67,7 @@ def shrink_model(model: nn.Module, *, alpha: float = 0.0, round_to: int = 8) -> 
             if bool(keep.all()):
                 continue
             index = torch.nonzero(keep).squeeze(1)
-            layer.set_submodule(name, CompactLinear.from_dense(W, linear.bias, in_index=index, dense_rows=dense_rows))
+            layer.set_submodule(name, CompactLinear.shrunk(W, linear.bias, in_index=index, dense_rows=dense_rows))
             specs[full] = {
                 **specs.get(full, {}),
                 "kind": "shrunk",
