@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from rich.console import Console
 
 from thanos_deploy import models
-from thanos_deploy.cli import results_table
+from thanos_deploy.cli import console, results_table
 from thanos_deploy.compare import Run, compare
 
 PATTERNS = ("unstructured:0.5", "2:4", "structured:0.3")
@@ -54,7 +53,6 @@ def main() -> None:
     transformers.logging.disable_progress_bar()
     protocol = dict(nsamples=16, seqlen=256, eval_windows=16) if args.quick else dict(nsamples=64, seqlen=512, eval_windows=64)
     common = dict(calib="austen", seed=0, eval_data="austen", eval_seqlen=512, device=torch.device(args.device), progress=True, **protocol)
-    console = Console()
 
     dense = compare(args.model, [Run("dense")], "2:4", **common)[0]
     rows = []
