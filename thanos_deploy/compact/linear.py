@@ -94,7 +94,8 @@ class CompactLinear(nn.Module):
         main = x if self.in_index is None else x.index_select(-1, self.in_index)
         y = F.linear(main, self.weight)
         if self.dense_index is not None:
-            y.index_add_(-1, self.dense_rows, F.linear(x.index_select(-1, self.dense_index), self.dense_weight))
+            # a non-negative dim: the legacy ONNX exporter writes a broken Expand for dim=-1
+            y.index_add_(y.dim() - 1, self.dense_rows, F.linear(x.index_select(-1, self.dense_index), self.dense_weight))
         elif self.order is not None:
             y = torch.cat([y, F.linear(x, self.dense_weight)], dim=-1).index_select(-1, self.order)
         return y if self.bias is None else y + self.bias
