@@ -69,15 +69,29 @@ def test_wanda_perplexity_is_sane_and_beats_magnitude(setup, wanda_2of4):
     assert magnitude > wanda, (magnitude, wanda)
 
 
+@pytest.fixture(scope="module")
+def thanos_structured(setup):
+    """Thanos structured:0.3 masked models, one per α, pruned once for the whole module."""
+    model, _, ids, _, _ = setup
+    pruned = {}
+
+    def get(alpha):
+        if alpha not in pruned:
+            pruned[alpha] = copy.deepcopy(model)
+            compress_model(pruned[alpha], ids[:8], method="thanos", pattern="structured:0.3", alpha=alpha)
+        return pruned[alpha]
+
+    return get
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
-def test_shrunk_model_matches_masked_model(setup, alpha, tmp_path):
+def test_shrunk_model_matches_masked_model(setup, thanos_structured, alpha, tmp_path):
     from thanos_deploy import load
     from thanos_deploy.compact import shrink_model
 
     model, tokenizer, ids, windows, _ = setup
-    pruned = copy.deepcopy(model)
-    compress_model(pruned, ids[:8], method="thanos", pattern="structured:0.3", alpha=alpha)
-    masked_model = copy.deepcopy(pruned)
+    masked_model = thanos_structured(alpha)
+    pruned = copy.deepcopy(masked_model)
     with torch.no_grad():
         masked = pruned(windows[:1, :256]).logits
     specs = shrink_model(pruned, alpha=alpha)
@@ -134,12 +148,10 @@ def test_packed_2of4_checkpoint_size(wanda_2of4, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shrunk_structured(setup):
+def shrunk_structured(thanos_structured):
     from thanos_deploy.compact import shrink_model
 
-    model, _, ids, _, _ = setup
-    pruned = copy.deepcopy(model)
-    compress_model(pruned, ids[:8], method="thanos", pattern="structured:0.3", alpha=0.1)
+    pruned = copy.deepcopy(thanos_structured(0.1))
     shrink_model(pruned, alpha=0.1)
     return pruned
 
