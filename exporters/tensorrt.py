@@ -179,6 +179,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, sparse: bool = True, shape
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError(f"TensorRT failed to build an engine from '{onnx_path}': {' | '.join(logger.lines[-3:])}")
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = plan_path.with_name(plan_path.name + ".tmp")
     tmp.write_bytes(bytes(plan))
     tmp.replace(plan_path)

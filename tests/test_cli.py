@@ -83,8 +83,14 @@ def test_c4_without_network(tmp_path, tiny_folder):
     assert_clean_failure(r, out, "cannot load 'c4'")
 
 
+def test_output_under_a_file(tmp_path, tiny_folder):
+    (tmp_path / "file").write_text("not a folder")
+    r = run_cli("compress", str(tiny_folder), "--method", "wanda", "--out", str(tmp_path / "file" / "out"))
+    assert_clean_failure(r, None, "is not a writable folder")
+
+
 def test_compress_and_eval_round_trip(tmp_path, tiny_folder, text_file):
-    out = tmp_path / "pruned"
+    out = tmp_path / "runs" / "pruned"  # missing parent folders are made, as in the README's examples
     r = run_cli(
         "compress", str(tiny_folder), "--method", "wanda", "--pattern", "4:8", "--calib", str(text_file),
         "--nsamples", "4", "--seqlen", "64", "--eval-windows", "2", "--eval-data", str(text_file), "--eval-seqlen", "64",

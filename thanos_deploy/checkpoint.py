@@ -37,8 +37,9 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists: pass --overwrite or choose another --out")
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write '{out}': folder '{out.parent}' does not exist")
+    existing = next(p for p in out.parents if p.exists())  # missing parents are made when saving
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"cannot write '{out}': '{existing}' is not a writable folder")
     return out
 
 
@@ -49,6 +50,7 @@ def staged(out: str | Path, overwrite: bool = False):
     On any error the temporary folder is removed and `out` is left as it was.
     """
     out = check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
