@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from thanos_deploy import checkpoint, compress_model, data, models
+from thanos_deploy.compact.linear import CompactLinear
 from thanos_deploy.evaluate import perplexity
 
 pytestmark = pytest.mark.slow
@@ -103,9 +104,11 @@ def test_shrunk_model_matches_masked_model(setup, thanos_structured, alpha, tmp_
         assert torch.equal(pruned(x).logits, compact32)
         # exact math, linear by linear: same weights bit for bit, same outputs in float64
         for name, module in reloaded.named_modules():
-            reference = masked_model.get_submodule(name).weight if type(module).__name__ == "CompactLinear" else None
-            if reference is not None and reference.shape == module.dense().shape:  # (narrowed MLPs are checked as a whole below)
-                assert torch.equal(module.dense(), reference), name
+            if not isinstance(module, CompactLinear):
+                continue
+            reference, weight = masked_model.get_submodule(name).weight, module.dense()
+            if reference.shape == weight.shape:  # (narrowed MLPs are checked as a whole below)
+                assert torch.equal(weight, reference), name
                 probe = torch.randn(3, module.in_features, dtype=torch.float64)
                 out64 = copy.deepcopy(module).double()(probe)
                 assert torch.allclose(out64, probe @ reference.double().T, rtol=1e-12, atol=1e-12), name
@@ -121,7 +124,7 @@ def test_shrunk_model_matches_masked_model(setup, thanos_structured, alpha, tmp_
         for name, module in models.linears(layer).items():
             macs += module.in_features * module.out_features
         for name, module in layer.named_modules():
-            if type(module).__name__ == "CompactLinear":
+            if isinstance(module, CompactLinear):
                 kept = module.in_features if module.in_index is None else len(module.in_index)
                 macs += module.weight.shape[0] * kept + (0 if module.dense_rows is None else len(module.dense_rows) * module.in_features)
     assert macs < 0.8 * dense_macs
