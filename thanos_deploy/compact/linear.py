@@ -19,8 +19,9 @@ plus `dense_rows` [d] and `bias` [out]. Same flops either way: (out - d)·k + d�
 
 The forward works on x flattened to 2-D: on CPU, index_select along the last axis of a 3-D tensor
 takes a generic path 4–25× slower than along axis 1 of a 2-D one (measured, torch 2.13), which made
-the outlier-row layout slower than the dense layer it replaces. Everything the forward indexes with
-is derived once, when the module is built or loaded.
+the outlier-row layout slower than the dense layer it replaces. ONNX Runtime has the same problem
+with Gather on axis 1, so exported graphs gather rows of xᵀ (see `_gather_columns`). Everything
+the forward indexes with is derived once, when the module is built or loaded.
 """
 
 from __future__ import annotations
@@ -108,15 +109,14 @@ class CompactLinear(nn.Module):
         if self.packed:  # bias added apart: the CUDA semi-structured weight takes a plain matmul
             y = F.linear(x, self.weight)
             if self.order is not None:
-                y = torch.cat([y, F.linear(x, self.dense_weight)], dim=1).index_select(1, self.order)
+                y = _gather_columns(torch.cat([y, F.linear(x, self.dense_weight)], dim=1), self.order, self.out_features)[0]
             if self.bias is not None:
                 y = y + self.bias
         else:
-            x = x.index_select(1, self.gather)
-            kept = self.weight.shape[1]
-            y = F.linear(x[:, :kept], self.weight, self.bias)
+            kept, other = _gather_columns(x, self.gather, self.weight.shape[1])
+            y = F.linear(kept, self.weight, self.bias)
             if self.dense_index is not None:
-                y.index_add_(1, self.dense_rows, F.linear(x[:, kept:], self.dense_weight))
+                y = _add_columns(y, self.dense_rows, F.linear(other, self.dense_weight))
         return y.view(*lead, y.shape[-1])
 
     def dense(self) -> torch.Tensor:
@@ -139,6 +139,27 @@ class CompactLinear(nn.Module):
         dense = 0 if self.dense_rows is None else len(self.dense_rows)
         kind = f"packed {self.packed[0]}:{self.packed[1]}" if self.packed else "shrunk"
         return f"{kind}, in_features={self.in_features}, out_features={self.out_features}, kept_inputs={kept}, dense_rows={dense}, bias={self.bias is not None}"
+
+
+def _gather_columns(x: torch.Tensor, index: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[:, index] as two column blocks, [:split] and [split:] (views).
+
+    ONNX Runtime gathers along axis 1 an element at a time (slower than the matmul it feeds), so
+    an exported graph gathers whole rows of xᵀ instead: Transpose, Gather on axis 0, Transpose.
+    """
+    if torch.onnx.is_in_onnx_export():
+        rows = x.t().index_select(0, index)
+        return rows[:split].t(), rows[split:].t()
+    cols = x.index_select(1, index)
+    return cols[:, :split], cols[:, split:]
+
+
+def _add_columns(y: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """y[:, index] += values. Exported as ScatterElements on axis 1; index_add_ would export as a
+    ScatterND between three full transposes of y."""
+    if torch.onnx.is_in_onnx_export():
+        return y.scatter_add(1, index.expand(values.shape[0], -1), values)
+    return y.index_add_(1, index, values)
 
 
 def _complement(index: torch.Tensor, size: int) -> torch.Tensor:
