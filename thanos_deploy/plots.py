@@ -27,8 +27,10 @@ def latency_vs_batch(result: dict, path: Path) -> None:
     lengths = sorted({int(k.split("x")[1]) for row in result["rows"] for k in row["speed"]})
     prefill.set(title=f"prefill latency (prompt {', '.join(map(str, lengths))} tokens)", xlabel="batch size", ylabel="ms (p50)")
     decode.set(title="decode latency per output token (KV cache)", xlabel="batch size", ylabel="ms per token (p50)")
+    batch_sizes = sorted({int(k.split("x")[0]) for row in result["rows"] for k in row["speed"]})
     for ax in (prefill, decode):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         ax.grid(alpha=0.3)
     decode.legend(fontsize=7, loc="best")
     fig.suptitle(result["machine"].get("gpu") or f"CPU, {result['machine']['torch_threads']} threads", fontsize=9)
