@@ -123,9 +123,10 @@ def backend_options(backend: str, device: str, dtype: str) -> dict:
 
 def bytes_on_disk(target: Path) -> int:
     """Weights as the backend reads them: safetensors files, model.onnx + external data, the plan."""
-    if target.is_dir():
-        return sum(p.stat().st_size for p in target.glob("*.safetensors"))
-    return sum(p.stat().st_size for p in target.parent.glob(target.name + "*") if p.suffix in (".onnx", ".data", ".plan"))
+    onnx = target / "model.onnx" if target.is_dir() else target
+    if onnx.is_file() and onnx.suffix in (".onnx", ".plan"):
+        return sum(p.stat().st_size for p in onnx.parent.glob(onnx.name + "*") if p.suffix in (".onnx", ".data", ".plan"))
+    return sum(p.stat().st_size for p in target.glob("*.safetensors"))
 
 
 def linear_macs(model, sparse_kernels: bool) -> float:

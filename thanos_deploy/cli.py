@@ -528,7 +528,7 @@ def bench_cmd(
             calib=calib, calib_tokens=calib_tokens, nsamples=nsamples or (16 if quick else 64), seqlen=seqlen or (256 if quick else 512),
             eval_data=eval_data, eval_windows=eval_windows if eval_windows is not None else (8 if quick else 32),
             eval_seqlen=eval_seqlen or (256 if quick else 512), peak_memory=peak_memory, overwrite=overwrite,
-            command="thanos-deploy " + " ".join(sys.argv[1:]), on_step=lambda message: progress.update(task, description=message),
+            command="thanos-deploy " + " ".join(sys.argv[1:]), on_step=lambda message: _progress(progress, task, message),
         )
     console.print(benchmark.describe(result), highlight=False)
     for title, header, rows in benchmark.tables(result):
@@ -539,6 +539,13 @@ def bench_cmd(
             table.add_row(*row)
         console.print(table)
     console.print(f"wrote bench.json, bench.md, latency.png and pareto.png to {out} in {result['seconds']:.0f} s")
+
+
+def _progress(progress, task, message: str) -> None:
+    """The progress bar on a terminal; one line per step in a log."""
+    progress.update(task, description=message)
+    if not console.is_terminal:
+        console.print(message, style="dim", highlight=False)
 
 
 def _ints(text: Optional[str], option: str) -> tuple[int, ...]:
