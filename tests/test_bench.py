@@ -2,7 +2,11 @@
 
 import json
 import random
+import signal
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +216,21 @@ def test_bench_plan_with_unknown_method(tmp_path, tiny_folder):
     plan.write_text("dense\n2:4 obs\n")
     out = tmp_path / "bench"
     _fails_cleanly(run_cli("bench", str(tiny_folder), "--plan", str(plan), "--out", str(out)), out, "unknown method 'obs'")
+
+
+def test_bench_ctrl_c_leaves_nothing(tmp_path, tiny_folder):
+    out = tmp_path / "bench"
+    exe = Path(sys.executable).with_name("thanos-deploy")
+    proc = subprocess.Popen([str(exe), "bench", str(tiny_folder), str(tiny_folder), "--reps", "50", "--batch-sizes", "1",
+                             "--prompt-lengths", "16", "--eval-windows", "0", "--no-peak-memory", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # one line per step when not on a terminal
+        if line.startswith("rep "):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob(".bench*"))
 
 
 # ---------------------------------------------------------------- GPU and TensorRT (skipped here, with the reason)
