@@ -486,13 +486,88 @@ def eval_cmd(
         )
 
 
+@app.command("bench")
+def bench_cmd(
+    dense: str = typer.Argument(..., help="The dense model (checkpoint, ONNX folder, plan, smollm2-135m); with --plan, the model to prune"),
+    candidates: Optional[list[str]] = typer.Argument(None, help="Artifacts to compare: checkpoints (masked, shrunk, packed), ONNX folders, .plan files"),
+    plan: Optional[str] = typer.Option(None, help="Build the candidates from DENSE: 'default' or a file with one 'PATTERN METHOD[:k=v]' per line"),
+    backend: Optional[list[str]] = typer.Option(None, help="torch, ort or tensorrt; repeat for several (default: each artifact's own)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("auto", help="torch backend: auto, float32, float16 or bfloat16"),
+    batch_sizes: Optional[str] = typer.Option(None, help="Comma-separated batch sizes (default for the device)"),
+    prompt_lengths: Optional[str] = typer.Option(None, help="Comma-separated prompt lengths (default for the device)"),
+    decode_tokens: Optional[int] = typer.Option(None, help="Decode steps timed per repetition"),
+    reps: Optional[int] = typer.Option(None, help="Interleaved repetitions after warm-up"),
+    quick: bool = typer.Option(False, help="Small grid, few repetitions, small calibration and evaluation sets"),
+    calib: str = typer.Option("austen", help="--plan: calibration data (austen, c4, wikitext2, .txt/.jsonl)"),
+    calib_tokens: Optional[Path] = typer.Option(None, help="--plan: exact calibration tokens [n, seqlen]"),
+    nsamples: Optional[int] = typer.Option(None, help="--plan: calibration windows (16 with --quick, else 64)"),
+    seqlen: Optional[int] = typer.Option(None, help="--plan: tokens per calibration window (256 with --quick, else 512)"),
+    eval_data: str = typer.Option("austen", help="Evaluation data for perplexity"),
+    eval_windows: Optional[int] = typer.Option(None, help="Evaluation windows (8 with --quick, else 32; 0 skips perplexity)"),
+    eval_seqlen: Optional[int] = typer.Option(None, help="Tokens per evaluation window (256 with --quick, else 512)"),
+    peak_memory: bool = typer.Option(True, "--peak-memory/--no-peak-memory", help="Measure each candidate's peak memory in a fresh process"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for bench.json, bench.md and the plots (default: bench-YYYYmmdd-HHMMSS)"),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+):
+    """Latency and throughput of compressed models against dense: prefill, decode, p50/p90/p99, speed-ups with intervals, plots."""
+    from rich.progress import Progress
+
+    from . import bench, benchmark
+
+    grid = benchmark.default_grid(_device(device).type, quick)
+    grid = benchmark.Grid(
+        _ints(batch_sizes, "--batch-sizes") or grid.batch_sizes, _ints(prompt_lengths, "--prompt-lengths") or grid.prompt_lengths,
+        decode_tokens if decode_tokens is not None else grid.decode_tokens, reps if reps is not None else grid.repetitions,
+    )
+    out = out or Path(time.strftime("bench-%Y%m%d-%H%M%S"))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmark", total=None)
+        result = bench.run(
+            dense, candidates or [], out, plan=plan, backends=backend, device=_device(device).type, dtype=dtype, grid=grid,
+            calib=calib, calib_tokens=calib_tokens, nsamples=nsamples or (16 if quick else 64), seqlen=seqlen or (256 if quick else 512),
+            eval_data=eval_data, eval_windows=eval_windows if eval_windows is not None else (8 if quick else 32),
+            eval_seqlen=eval_seqlen or (256 if quick else 512), peak_memory=peak_memory, overwrite=overwrite,
+            command="thanos-deploy " + " ".join(sys.argv[1:]), on_step=lambda message: _progress(progress, task, message),
+        )
+    console.print(benchmark.describe(result), highlight=False)
+    for title, header, rows in benchmark.tables(result):
+        table = Table(title=title)
+        for col in header:
+            table.add_column(col, justify="left" if col in ("candidate", "what ran") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    console.print(f"wrote bench.json, bench.md, latency.png and pareto.png to {out} in {result['seconds']:.0f} s")
+
+
+def _progress(progress, task, message: str) -> None:
+    """The progress bar on a terminal; one line per step in a log."""
+    progress.update(task, description=message)
+    if not console.is_terminal:
+        console.print(message, style="dim", highlight=False)
+
+
+def _ints(text: Optional[str], option: str) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, e.g. 1,4, not '{text}'") from None
+
+
 def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130 in this mode
+        if code == 130:
+            print("interrupted", file=sys.stderr)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
