@@ -55,7 +55,7 @@ def _show_version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit"),
 ):
-    """Prune LLMs with Thanos, SparseGPT, Wanda or magnitude; evaluate, save and ship them."""
+    """Options before any command (the app's help text is set on the Typer object)."""
 
 
 def _device(name: str) -> torch.device:
