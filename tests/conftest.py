@@ -15,6 +15,18 @@ from thanos_deploy import models
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
 
 
+# what a family's config needs beyond TINY to be tiny and valid (defaults sized for the real models)
+FAMILY_CONFIG = {
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 64},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 64},
+    "phi3": {"pad_token_id": 0},
+    "falcon": {"ffn_hidden_size": 128, "new_decoder_architecture": True, "num_kv_heads": 2},
+    "cohere": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+}
+
+
 def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
     """A 2-layer random causal LM of the given family, in float32, eval mode."""
     import transformers
@@ -28,14 +40,10 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
             max_position_embeddings=512,
         )
         model = transformers.OPTForCausalLM(config)
-    else:
-        config_cls = {
-            "llama": transformers.LlamaConfig,
-            "mistral": transformers.MistralConfig,
-            "qwen2": transformers.Qwen2Config,
-            "qwen3": transformers.Qwen3Config,
-        }[kind]
-        config = config_cls(num_key_value_heads=2, max_position_embeddings=512, **cfg)
+    else:  # any model_type transformers knows, from its own config class (offline, no hub)
+        config = transformers.AutoConfig.for_model(kind, max_position_embeddings=512, **FAMILY_CONFIG.get(kind, {}), **cfg)
+        if getattr(config, "num_key_value_heads", None) is not None:  # grouped-query attention where the family has it
+            config.num_key_value_heads = 2
         model = transformers.AutoModelForCausalLM.from_config(config)
     return model.float().eval()
 

@@ -92,8 +92,8 @@ def test_shrink_matches_masked_model_and_reloads(tmp_path, kind, alpha):
     ids = random_ids(2, 24, seed=7)
     with torch.no_grad():
         masked = model(ids).logits
+    producers, consumer = models.mlp(models.linears(models.decoder_layers(model)[0]))
     specs = shrink_model(model, alpha=alpha)
-    producers, consumer = models.MLP[kind]
     layer0 = models.decoder_layers(model)[0]
     down = layer0.get_submodule(consumer)
     if alpha == 0:  # narrowed MLP: no gather, producers lose the dropped channels

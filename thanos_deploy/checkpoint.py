@@ -4,6 +4,8 @@ A checkpoint is a Hugging Face folder (config.json, safetensors, tokenizer) plus
 `thanos_deploy.json`, the manifest: what was done, how well, and how it is stored.
 
 - `masked`: the standard layout; plain `AutoModelForCausalLM.from_pretrained` loads it.
+- `shrunk` with `plain` set: MLPs narrowed alike in every layer, a smaller width in config.json;
+  plain transformers loads it too (compact/plain.py).
 - `shrunk` / `packed`: compact linears (compact/). Their shapes live in the manifest's `modules`
   (stock configs have one width per model); tensors are in `model.safetensors`, never pickles.
   Packed N:M weights are stored as `<name>.values` + `<name>.meta` (compact/packing.py).
@@ -77,7 +79,7 @@ def save(model: nn.Module, tokenizer, out: str | Path, manifest: dict, *, overwr
     """Save a pruned model with its manifest, atomically. `manifest['storage']` picks the layout."""
     storage = manifest.get("storage", "masked")
     with staged(out, overwrite) as tmp:
-        if storage == "masked":
+        if storage == "masked" or manifest.get("plain"):
             model.save_pretrained(tmp)
         else:
             _save_compact(model, manifest["modules"], tmp)
@@ -132,7 +134,7 @@ def load_pretrained(where, *, dtype="auto"):
     if manifest is not None:
         verify_files(folder, manifest)
     try:
-        if manifest is None or manifest.get("storage", "masked") == "masked":
+        if manifest is None or manifest.get("storage", "masked") == "masked" or manifest.get("plain"):
             return AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
         return _load_compact(folder, manifest, dtype)
     except (OSError, ValueError, RuntimeError) as e:

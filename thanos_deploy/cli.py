@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 import time
 from importlib import metadata
@@ -22,13 +23,16 @@ from .errors import UserError
 from .evaluate import perplexity
 from .methods import get_method
 from .compact import pack_model, shrink_model
+from .compact.plain import plain_config
 from .inspect import inspect_model
 from .patterns import NM, Structured, check_shape, parse_pattern
+from .targets import select
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help shows patterns literally: Rich would read `N:M:` as an emoji code
     help="Prune LLMs with Thanos, SparseGPT, Wanda or magnitude; evaluate, save and ship them.",
 )
 console = Console()
@@ -36,11 +40,31 @@ if not console.is_terminal:
     console.width = 160  # logs and pipes: no wrapping of the tables
 
 
+TARGETS_HELP = ("Prune only these linears (repeatable): an exact module name, a suffix such as down_proj, or re:REGEX "
+                "(llm-compressor's convention); default: every linear of every decoder layer")
+IGNORE_HELP = "Leave these linears dense (repeatable; same patterns as --targets)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"thanos-deploy {metadata.version('thanos-deploy')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit"),
+):
+    """Options before any command (the app's help text is set on the Typer object)."""
+
+
 def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
     if not (name == "cpu" or name.startswith("cuda")):
-        raise UserError(f"unknown device '{name}': use cpu or cuda")
+        raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -68,8 +92,8 @@ def _eval(model, tokenizer, source: str, seqlen: int, max_windows: int, device) 
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or smollm2-135m"),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the pruned checkpoint to"),
+    model: str = typer.Argument(models.SMOLLM2_ALIAS, help="HF folder, hub id, .gguf file, or smollm2-135m"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder to write the pruned checkpoint to (default: a new folder named after model, method and pattern)"),
     method: str = typer.Option("thanos", help="thanos, sparsegpt, wanda or magnitude"),
     pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P or structured:P"),
     calib: str = typer.Option("austen", help="austen, c4, wikitext2, or a .txt/.jsonl file"),
@@ -81,7 +105,7 @@ def compress(
     block_size: Optional[int] = typer.Option(None, help="Thanos/SparseGPT: columns per block"),
     row_batch: Optional[int] = typer.Option(None, help="Thanos: rows solved per batched call (memory knob)"),
     percdamp: Optional[float] = typer.Option(None, help="Thanos/SparseGPT: Hessian damping, relative to mean(diag H)"),
-    device: str = typer.Option("cpu", help="Where each decoder layer is pruned: cpu or cuda"),
+    device: str = typer.Option("auto", help="Where each decoder layer is pruned: auto (CUDA when present), cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16"),
     batch_tokens: int = typer.Option(8192, help="Tokens per calibration forward batch (bounds memory)"),
     eval_windows: int = typer.Option(0, help="Also report dense and pruned perplexity on this many windows"),
@@ -91,6 +115,8 @@ def compress(
     pack: bool = typer.Option(False, help="N:M: store the pattern rows packed (values + 2-bit positions for 2:4)"),
     save_dtype: str = typer.Option("auto", help="Save in this dtype: auto (as pruned), float32, float16 or bfloat16"),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help=TARGETS_HELP),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help=IGNORE_HELP),
 ):
     """Prune MODEL layer by layer and save it as a Hugging Face folder with thanos_deploy.json."""
     m = get_method(method)
@@ -100,14 +126,15 @@ def compress(
     _save_dtype(save_dtype)
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
+    out = out if out is not None else default_out(model, m.name, str(patt))
     checkpoint.check_output(out, overwrite)
     dev = _device(device)
 
     started = time.perf_counter()
     with console.status(f"loading {model}"):
         net, tokenizer = models.load(model, dtype=dtype)
-    for i, layer in enumerate(models.decoder_layers(net)):
-        for name, linear in models.linears(layer).items():
+    for i, subs in enumerate(select(net, targets, ignore)):
+        for name, linear in subs.items():
             check_shape(patt, f"layers.{i}.{name}", linear.in_features)
     if calib_tokens is not None:
         ids = data.load_token_file(calib_tokens)
@@ -125,7 +152,8 @@ def compress(
         with console.status("evaluating the dense model"):
             evaluation["dense"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
 
-    report = compress_model(net, ids, method=m.name, pattern=patt, device=dev, batch_tokens=batch_tokens, progress=True, **options)
+    report = compress_model(net, ids, method=m.name, pattern=patt, device=dev, batch_tokens=batch_tokens, progress=True,
+                            targets=targets, ignore=ignore, **options)
 
     if eval_windows > 0:
         with console.status("evaluating the pruned model"):
@@ -136,7 +164,7 @@ def compress(
         "storage": "masked",
         "source_model": model,
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
-        **{k: report[k] for k in ("method", "pattern", "options", "sparsity")},
+        **{k: report[k] for k in ("method", "pattern", "options", "sparsity", "targets", "ignore")},
         "calibration": {
             "source": calib_source,
             "nsamples": int(ids.shape[0]),
@@ -155,6 +183,17 @@ def compress(
     _print_report(report, evaluation, out)
     if storage != "masked":
         _print_inspect(inspect_model(net, manifest), totals_only=True)
+
+
+def default_out(model: str, method: str, pattern: str) -> Path:
+    """A new folder in the current directory named after the model, method and pattern; never an existing one."""
+    stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
+    base = re.sub(r"[^\w.]+", "-", f"{stem}-{method}-{pattern}").strip("-")
+    candidate, n = Path(base), 1
+    while candidate.exists():
+        n += 1
+        candidate = Path(f"{base}-{n}")
+    return candidate
 
 
 def _storage(pattern, shrink: bool, pack: bool) -> str:
@@ -183,7 +222,13 @@ def _compact(net, manifest: dict, storage: str, save_dtype: str = "auto") -> dic
     pattern = parse_pattern(manifest["pattern"])
     alpha = (manifest.get("options") or {}).get("alpha") or 0.0
     modules = shrink_model(net, alpha=alpha) if storage == "shrunk" else pack_model(net, pattern, alpha=alpha)
-    return {**manifest, "storage": storage, "modules": modules}
+    manifest = {**manifest, "storage": storage, "modules": modules}
+    if storage == "shrunk" and (plain := plain_config(net, modules)):
+        (field, (old, new)), = plain.items()
+        console.print(f"plain Hugging Face checkpoint: every MLP narrowed alike, config {field} {old} → {new}; "
+                      "stock transformers loads it with no code from thanos-deploy")
+        manifest["plain"] = plain
+    return manifest
 
 
 def _convert(source: str, out: Path, storage: str, overwrite: bool, pattern: Optional[str], save_dtype: str) -> None:
@@ -293,7 +338,7 @@ def generate_cmd(
     backend: str = typer.Option("torch", help="torch, ort or tensorrt"),
     prompt: str = typer.Option(..., help="Text to continue"),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate (greedy)"),
-    device: str = typer.Option("cpu", help="torch backend: cpu or cuda"),
+    device: str = typer.Option("auto", help="torch backend: auto (CUDA when present), cpu or cuda"),
     provider: str = typer.Option("cpu", help="ort backend: cpu, cuda or tensorrt"),
     tokenizer_path: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: next to the model)"),
 ):
@@ -384,7 +429,7 @@ def _print_report(report: dict, evaluation: dict, out: Path) -> None:
     table = Table(title=f"{report['method']} {report['pattern']}", show_lines=False)
     for col in ("layer", "sparsity", "mean rel. error", "max rel. error", "prune s", "total s"):
         table.add_column(col, justify="right")
-    for layer in report["layers"]:
+    for layer in (r for r in report["layers"] if r["linears"]):  # layers --targets left alone have no row
         errs = [e["relative_error"] for e in layer["linears"]]
         zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in layer["linears"])
         size = sum(e["shape"][0] * e["shape"][1] for e in layer["linears"])
@@ -424,8 +469,10 @@ def compare_cmd(
     eval_data: str = typer.Option("austen", help="Evaluation data"),
     eval_seqlen: int = typer.Option(512, help="Tokens per evaluation window"),
     eval_windows: int = typer.Option(64, help="Evaluation windows"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON"),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help=TARGETS_HELP),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help=IGNORE_HELP),
 ):
     """Prune MODEL with several methods on the same data and print their perplexity side by side."""
     from .compare import Run, compare
@@ -436,6 +483,7 @@ def compare_cmd(
     results = compare(
         model, runs, parse_pattern(pattern), calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
         eval_data=eval_data, eval_seqlen=eval_seqlen, eval_windows=eval_windows, device=_device(device), progress=not as_json,
+        targets=targets, ignore=ignore,
     )
     if as_json:
         print(json.dumps(results))
@@ -467,7 +515,7 @@ def eval_cmd(
     data_source: str = typer.Option("austen", "--data", help="austen, wikitext2, c4, or a .txt/.jsonl file"),
     seqlen: int = typer.Option(512, help="Tokens per window"),
     max_windows: int = typer.Option(0, help="Evaluate at most this many windows (0: all)"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ):

@@ -12,6 +12,7 @@ from .errors import UserError
 from .evaluate import perplexity
 from .methods import get_method
 from .patterns import parse_pattern
+from .targets import select
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def compare(
     eval_windows: int = 64,
     device=None,
     progress: bool = False,
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
 ) -> list[dict]:
     """Prune a fresh copy of `model` with every run and evaluate each; returns one dict per run."""
     pattern = parse_pattern(pattern)
@@ -63,6 +66,7 @@ def compare(
         if run.method != "dense":
             get_method(run.method).options(pattern, run.options)
     base, tokenizer = models.load(model)
+    select(base, targets, ignore)  # a pattern that matches nothing fails before any work
     limit = getattr(base.config, "max_position_embeddings", None) or seqlen
     ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=min(seqlen, limit), seed=seed)
     windows = data.windows(data.evaluation_tokens(eval_data, tokenizer), min(eval_seqlen, limit), eval_windows)
@@ -74,7 +78,8 @@ def compare(
             continue
         net = copy.deepcopy(base)
         t0 = time.perf_counter()
-        report = compress_model(net, ids, method=run.method, pattern=pattern, device=device, progress=progress, **run.options)
+        report = compress_model(net, ids, method=run.method, pattern=pattern, device=device, progress=progress,
+                                targets=targets, ignore=ignore, **run.options)
         seconds = time.perf_counter() - t0
         results.append({
             "label": run.label,

@@ -24,6 +24,7 @@ from .errors import UserError
 from .methods import get_method
 from .patterns import check_shape, parse_pattern
 from .stats import InputStats
+from .targets import select
 
 
 @dataclass
@@ -101,10 +102,11 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, *, device, batch_tokens:
 
 
 @torch.no_grad()
-def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options: dict, *, index: int = 0, on_linear=None):
-    """Prune every linear of one decoder layer in place; return (report, inputs of the next layer)."""
+def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options: dict, *, index: int = 0, on_linear=None, subs=None):
+    """Prune the linears `subs` (default: every linear) of one decoder layer in place; return
+    (report, inputs of the next layer)."""
     t0 = time.perf_counter()
-    subs = models.linears(layer)
+    subs = models.linears(layer) if subs is None else subs
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
     collector = InputStats(subs, hessian=method.needs_hessian, sample_every=max(1, tokens // ERROR_SAMPLE_TOKENS))
     try:
@@ -163,19 +165,23 @@ def compress_model(
     device=None,
     batch_tokens: int = 8192,
     progress: bool = False,
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
     **options,
 ) -> dict:
     """Prune `model` in place, decoder layer by decoder layer; return the report.
 
     `calib_ids` is a [n, seqlen] token tensor. Embeddings and the LM head are never pruned. One
-    decoder layer at a time is moved to `device` (default: where the model is).
+    decoder layer at a time is moved to `device` (default: where the model is). `targets` and
+    `ignore` pick the linears by module name (targets.py); default: every decoder linear.
     """
     m = get_method(method)
     pattern = parse_pattern(pattern)
     opts = m.options(pattern, options)
     layers = models.decoder_layers(model)
-    for i, layer in enumerate(layers):
-        for name, linear in models.linears(layer).items():
+    chosen = select(model, targets, ignore)
+    for i, subs in enumerate(chosen):
+        for name, linear in subs.items():
             check_shape(pattern, f"layers.{i}.{name}", linear.in_features)
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
@@ -189,13 +195,14 @@ def compress_model(
             home = next(layer.parameters()).device
             layer.to(device)
             on_linear = (lambda name, i=i: bar.update(task, description=f"{m.name} {pattern} · layer {i}.{name}")) if bar else None
-            report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear)
+            report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear, subs=chosen[i])
             layer.to(home)
             reports.append(report)
             if bar:
                 bar.advance(task)
     total = time.perf_counter() - t0
-    return summarize(reports, method=m.name, pattern=str(pattern), options=opts, seconds=total)
+    summary = summarize(reports, method=m.name, pattern=str(pattern), options=opts, seconds=total)
+    return {**summary, "targets": list(targets or []), "ignore": list(ignore or [])}
 
 
 def summarize(reports: list[dict], *, method: str, pattern: str, options: dict, seconds: float) -> dict:

@@ -38,7 +38,7 @@ def _row(name: str, module: nn.Module, spec: dict) -> dict:
         else:
             stored = size(main) + size(module.in_index) + size(module.dense_index)
             macs = main.shape[0] * kept + d * (module.in_features - kept)
-            storage = "shrunk"
+            storage = "shrunk (gather)" if spec.get("layout", "").startswith("gather") else "shrunk"
         stored += size(module.dense_weight) + size(module.dense_rows) + bias
         checked = main if module.packed else dense
     else:

@@ -21,15 +21,6 @@ from torch import nn
 from . import hub
 from .errors import UserError
 
-# model_type -> attribute path of the decoder layers. Linears inside a layer are found generically.
-DECODER_LAYERS = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "opt": "model.decoder.layers",
-}
-
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,17 +36,56 @@ def cache_dir() -> Path:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    path = DECODER_LAYERS.get(model_type)
-    if path is None:
+    """The model's decoder layers, found generically: the nn.ModuleList whose children are the
+    model's `_no_split_modules` classes (the blocks transformers never splits across devices), else
+    the module list holding most of the parameters. Every weight inside must be an nn.Linear's."""
+    name, layers = _decoder_list(model)
+    _check_layer(layers[0], f"{name}.0", getattr(model.config, "model_type", type(model).__name__))
+    return layers
+
+
+def layer_prefix(model: nn.Module, index: int) -> str:
+    """Full module name of decoder layer `index`, e.g. 'model.layers.3'."""
+    return f"{_decoder_list(model)[0]}.{index}"
+
+
+def _decoder_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    found = [(n, m) for n, m in lists if all(type(c).__name__ in blocks for c in m)]
+    if not found:  # no declared block class: the list holding most parameters, if it holds most of them
+        size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        found = sorted(lists, key=lambda nm: -size(nm[1]))[:1]
+        if found and size(found[0][1]) < 0.5 * size(model):
+            found = []
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if len(found) != 1:
+        what = ", ".join(f"{n} ({len(m)} × {type(m[0]).__name__})" for n, m in found) or "no list of repeated blocks"
         raise UserError(
-            f"unsupported architecture '{model_type}': supported model types are "
-            f"{', '.join(sorted(DECODER_LAYERS))}"
+            f"unsupported architecture '{kind}': cannot tell which module list holds the decoder layers (found {what}); "
+            "pass a decoder-only causal language model"
         )
-    module = model
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
+    return found[0]
+
+
+def _check_layer(layer: nn.Module, name: str, kind: str) -> None:
+    """Refuse weights that pruning nn.Linear modules would silently skip (MoE experts, Conv1D)."""
+    from .compact.linear import CompactLinear
+
+    owned = {id(p) for m in layer.modules() if isinstance(m, (nn.Linear, CompactLinear)) for p in m.parameters(recurse=False)}
+    for pname, p in sorted(layer.named_parameters(), key=lambda item: -item[1].ndim):  # expert tensors first
+        if p.ndim < 2 or id(p) in owned:
+            continue
+        where = f"{name}.{pname} {list(p.shape)}"
+        if p.ndim >= 3:
+            raise UserError(
+                f"unsupported architecture '{kind}': {where} holds mixture-of-experts weights (one matrix per expert); "
+                "thanos-deploy prunes dense decoder-only models only"
+            )
+        raise UserError(
+            f"unsupported architecture '{kind}': {where} is a 2-D weight outside nn.Linear (GPT-2-style Conv1D, stored "
+            "transposed); thanos-deploy prunes models whose decoder layers use nn.Linear"
+        )
 
 
 def linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -135,10 +165,10 @@ def load(spec: str, *, dtype: str = "auto"):
             f"could not load model '{spec}' ({_first_line(e)}); offline, pass a local folder, a .gguf file "
             f"or '{SMOLLM2_ALIAS}'"
         ) from None
-    if config.model_type not in DECODER_LAYERS:
+    if getattr(config, "is_encoder_decoder", False) or config.model_type not in _causal_lm_types():
         raise UserError(
-            f"unsupported architecture '{config.model_type}': supported model types are "
-            f"{', '.join(sorted(DECODER_LAYERS))}"
+            f"unsupported architecture '{config.model_type}': thanos-deploy prunes decoder-only causal language models "
+            "(AutoModelForCausalLM)"
         )
     from .checkpoint import load_pretrained
 
@@ -155,17 +185,27 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-# model_type -> (linears that produce the MLP's hidden channels, the linear that consumes them)
-MLP = {
-    "llama": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
-    "mistral": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
-    "qwen2": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
-    "qwen3": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
-    "opt": (("fc1",), "fc2"),
+# consumer linear's name -> the linears producing the channels it reads (the MLP's hidden width);
+# matched on the last component of module names, so it holds for every family that uses them.
+MLP_NAMES = {
+    "down_proj": ("gate_proj", "up_proj"),
+    "fc2": ("fc1",),
+    "dense_4h_to_h": ("dense_h_to_4h",),
 }
 
 
-def layer_prefix(model: nn.Module, index: int) -> str:
-    """Full module name of decoder layer `index`, e.g. 'model.layers.3'."""
-    decoder_layers(model)
-    return f"{DECODER_LAYERS[model.config.model_type]}.{index}"
+def mlp(subs: dict[str, nn.Module]) -> tuple[tuple[str, ...], str] | None:
+    """(producers, consumer) of the layer's MLP among its linears `subs`, or None when not found:
+    a consumer named in MLP_NAMES whose siblings produce exactly the channels it reads."""
+    for name, consumer in subs.items():
+        parent, _, leaf = name.rpartition(".")
+        producers = tuple(f"{parent}.{p}" if parent else p for p in MLP_NAMES.get(leaf, ()))
+        if producers and all(p in subs and subs[p].out_features == consumer.in_features for p in producers):
+            return producers, name
+    return None
+
+
+def _causal_lm_types() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)

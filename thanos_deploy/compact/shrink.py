@@ -4,7 +4,7 @@ A structured-pruned linear has a set Q of input columns that are zero in every r
 ⌊α·rows⌋ outlier rows. It becomes a CompactLinear that gathers the kept columns and multiplies a
 smaller matrix (plus one dense matmul for the outlier rows).
 
-When an MLP's consumer (down_proj, OPT's fc2) has no outlier rows, its zero columns are the MLP
+When an MLP's consumer (down_proj, fc2, dense_4h_to_h: models.mlp) has no outlier rows, its zero columns are the MLP
 channels nobody reads: they are dropped from the consumer's inputs *and* from the producers'
 outputs (gate/up, fc1), so the MLP is simply narrower and needs no gather at all. With outlier
 rows in the consumer those channels are still read, and stay.
@@ -50,13 +50,12 @@ def rounded_keep(pruned: torch.Tensor, round_to: int) -> torch.Tensor:
 
 def shrink_model(model: nn.Module, *, alpha: float = 0.0, round_to: int = 8) -> dict:
     """Replace structured-pruned linears in place; returns the per-module manifest entries."""
-    producers, consumer = models.MLP[model.config.model_type]
     specs: dict[str, dict] = {}
     for i, layer in enumerate(models.decoder_layers(model)):
         prefix = models.layer_prefix(model, i)
         subs = models.linears(layer)
-        narrowed = consumer in subs and all(p in subs for p in producers)
-        narrowed = narrowed and _narrow_mlp(layer, subs, producers, consumer, alpha, round_to, prefix, specs)
+        producers, consumer = models.mlp(subs) or ((), None)
+        narrowed = consumer is not None and _narrow_mlp(layer, subs, producers, consumer, alpha, round_to, prefix, specs)
         for name, linear in models.linears(layer).items():
             full = f"{prefix}.{name}"
             if narrowed and name == consumer:  # its zero columns are gone with the channels
@@ -70,6 +69,7 @@ def shrink_model(model: nn.Module, *, alpha: float = 0.0, round_to: int = 8) -> 
             layer.set_submodule(name, CompactLinear.shrunk(W, linear.bias, in_index=index, dense_rows=dense_rows))
             specs[full] = {
                 **specs.get(full, {}),
+                **({} if consumer else {"layout": "gather: no MLP producer/consumer pair found to narrow"}),
                 "kind": "shrunk",
                 "in_features": W.shape[1],
                 "out_features": W.shape[0],
