@@ -486,22 +486,52 @@ def eval_cmd(
         )
 
 
+def _click_exceptions() -> list:
+    """The exception modules of every click the app may raise from: Typer >= 0.2x runs on its own
+    vendored copy (typer._click), whose classes are not click's; older Typer raises click's."""
+    found = [click.exceptions]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        return found
+    return found + [vendored]
+
+
+def _usage_error(e) -> None:
+    """click's usage line, then one `error:` line with the problem and where the options are."""
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        print(ctx.get_usage(), file=sys.stderr)
+    fix = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+    print(f"error: {e.format_message().rstrip('.')}{fix}", file=sys.stderr)
+
+
 def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    kinds = _click_exceptions()
+    no_args_help = tuple(k.NoArgsIsHelpError for k in kinds if hasattr(k, "NoArgsIsHelpError"))
+    usage = tuple(k.UsageError for k in kinds)
+    abort = tuple(k.Abort for k in kinds if hasattr(k, "Abort"))
+    other = tuple(k.ClickException for k in kinds)
     try:
         app(standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except no_args_help:
+        sys.exit(2)  # Typer has printed the help already
+    except usage as e:
+        _usage_error(e)
+        sys.exit(2)
+    except abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except other as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code if e.exit_code else 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
