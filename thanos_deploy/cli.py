@@ -17,12 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from . import checkpoint, data, models
+from . import resume as resume_run
 from .driver import compress_model
 from .errors import UserError
 from .evaluate import perplexity
 from .methods import get_method
 from .compact import pack_model, shrink_model
 from .inspect import inspect_model
+from .offload import load_skeleton, wants_offload
 from .patterns import NM, Structured, check_shape, parse_pattern
 
 app = typer.Typer(
@@ -91,6 +93,8 @@ def compress(
     pack: bool = typer.Option(False, help="N:M: store the pattern rows packed (values + 2-bit positions for 2:4)"),
     save_dtype: str = typer.Option("auto", help="Save in this dtype: auto (as pruned), float32, float16 or bfloat16"),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+    resume: bool = typer.Option(False, help="Continue an unfinished run of the same command from its last finished layer"),
+    offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Read one decoder layer at a time from disk (default: when the model would not fit in memory)"),
 ):
     """Prune MODEL layer by layer and save it as a Hugging Face folder with thanos_deploy.json."""
     m = get_method(method)
@@ -103,58 +107,78 @@ def compress(
     checkpoint.check_output(out, overwrite)
     dev = _device(device)
 
-    started = time.perf_counter()
-    with console.status(f"loading {model}"):
-        net, tokenizer = models.load(model, dtype=dtype)
-    for i, layer in enumerate(models.decoder_layers(net)):
-        for name, linear in models.linears(layer).items():
-            check_shape(patt, f"layers.{i}.{name}", linear.in_features)
-    if calib_tokens is not None:
-        ids = data.load_token_file(calib_tokens)
-        calib_source = str(calib_tokens)
-    else:
-        with console.status(f"tokenizing calibration data '{calib}'"):
-            ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=_seqlen(net, seqlen), seed=seed)
-        calib_source = calib
-    data.check_tokens(ids, net.config.vocab_size)
-    if _seqlen(net, ids.shape[1]) < ids.shape[1]:
-        raise UserError(f"calibration windows of {ids.shape[1]} tokens exceed this model's maximum of {_seqlen(net, ids.shape[1])}")
+    offloaded = wants_offload(model, offload, compatible=storage == "masked" and eval_windows == 0)
+    if offloaded and storage != "masked":
+        raise UserError("--offload writes masked checkpoints: drop --shrink/--pack, then run `thanos-deploy shrink` or `pack` on the output")
+    if offloaded and eval_windows > 0:
+        raise UserError("--offload never holds the whole model, so it cannot evaluate it: drop --eval-windows and run `thanos-deploy eval` on the output")
+    run = resume_run.RunFolder(out, resume=resume, overwrite=overwrite)
+    with resume_run.guard(run, "thanos-deploy"):
+        started = time.perf_counter()
+        with console.status(f"loading {model}"):
+            if offloaded:
+                net, tokenizer, weights = load_skeleton(model, dtype=dtype)
+            else:
+                (net, tokenizer), weights = models.load(model, dtype=dtype), None
+        for i, layer in enumerate(models.decoder_layers(net)):
+            for name, linear in models.linears(layer).items():
+                check_shape(patt, f"layers.{i}.{name}", linear.in_features)
+        if calib_tokens is not None:
+            ids = data.load_token_file(calib_tokens)
+            calib_source = str(calib_tokens)
+        else:
+            with console.status(f"tokenizing calibration data '{calib}'"):
+                ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=_seqlen(net, seqlen), seed=seed)
+            calib_source = calib
+        data.check_tokens(ids, net.config.vocab_size)
+        if _seqlen(net, ids.shape[1]) < ids.shape[1]:
+            raise UserError(f"calibration windows of {ids.shape[1]} tokens exceed this model's maximum of {_seqlen(net, ids.shape[1])}")
 
-    evaluation = {}
-    if eval_windows > 0:
-        with console.status("evaluating the dense model"):
-            evaluation["dense"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
+        evaluation = {}
+        if eval_windows > 0:
+            with console.status("evaluating the dense model"):
+                evaluation["dense"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
 
-    report = compress_model(net, ids, method=m.name, pattern=patt, device=dev, batch_tokens=batch_tokens, progress=True, **options)
+        run.start(
+            {"model": model, **resume_run.model_identity(models.resolve(model)), "dtype": str(next(net.parameters()).dtype),
+             "tokens_hash": data.token_hash(ids), "method": m.name, "pattern": str(patt), "options": options, "storage": storage,
+             "save_dtype": save_dtype, "batch_tokens": batch_tokens, "device": dev.type, "versions": _versions()},
+            net, weights=weights, write_dtype=_save_dtype(save_dtype) if storage == "masked" else None,
+        )
+        report = compress_model(net, ids, method=m.name, pattern=patt, device=dev, batch_tokens=batch_tokens, progress=True, store=run, **options)
 
-    if eval_windows > 0:
-        with console.status("evaluating the pruned model"):
-            evaluation["pruned"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
+        if eval_windows > 0:
+            with console.status("evaluating the pruned model"):
+                evaluation["pruned"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
 
-    manifest = {
-        "format": "thanos-deploy/1",
-        "storage": "masked",
-        "source_model": model,
-        "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
-        **{k: report[k] for k in ("method", "pattern", "options", "sparsity")},
-        "calibration": {
-            "source": calib_source,
-            "nsamples": int(ids.shape[0]),
-            "seqlen": int(ids.shape[1]),
-            "seed": seed if calib_tokens is None else None,
-            "tokens_hash": data.token_hash(ids),
-        },
-        "evaluation": evaluation or None,
-        "versions": _versions(),
-        "seconds": {**report["seconds"], "command": round(time.perf_counter() - started, 3)},
-        "layers": report["layers"],
-    }
-    manifest = _compact(net, manifest, storage, save_dtype)
-    with console.status(f"saving to {out}"):
-        checkpoint.save(net, tokenizer, out, manifest, overwrite=overwrite)
-    _print_report(report, evaluation, out)
-    if storage != "masked":
-        _print_inspect(inspect_model(net, manifest), totals_only=True)
+        manifest = {
+            "format": "thanos-deploy/1",
+            "storage": "masked",
+            "source_model": model,
+            "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
+            **{k: report[k] for k in ("method", "pattern", "options", "sparsity")},
+            "calibration": {
+                "source": calib_source,
+                "nsamples": int(ids.shape[0]),
+                "seqlen": int(ids.shape[1]),
+                "seed": seed if calib_tokens is None else None,
+                "tokens_hash": data.token_hash(ids),
+            },
+            "evaluation": evaluation or None,
+            "versions": _versions(),
+            "seconds": {**report["seconds"], "command": round(time.perf_counter() - started, 3)},
+            "layers": report["layers"],
+        }
+        manifest = _compact(net, manifest, storage, save_dtype)
+        with console.status(f"saving to {out}"):
+            if storage == "masked":
+                run.finish(tokenizer, manifest, overwrite=overwrite)
+            else:
+                checkpoint.save(net, tokenizer, out, manifest, overwrite=overwrite)
+                run.close(discard=True)
+        _print_report(report, evaluation, out)
+        if storage != "masked":
+            _print_inspect(inspect_model(net, manifest), totals_only=True)
 
 
 def _storage(pattern, shrink: bool, pack: bool) -> str:

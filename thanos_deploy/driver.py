@@ -163,12 +163,14 @@ def compress_model(
     device=None,
     batch_tokens: int = 8192,
     progress: bool = False,
+    store=None,
     **options,
 ) -> dict:
     """Prune `model` in place, decoder layer by decoder layer; return the report.
 
     `calib_ids` is a [n, seqlen] token tensor. Embeddings and the LM head are never pruned. One
-    decoder layer at a time is moved to `device` (default: where the model is).
+    decoder layer at a time is moved to `device` (default: where the model is). `store` (a
+    resume.RunFolder) checkpoints after every layer, restores a killed run and reads offloaded layers.
     """
     m = get_method(method)
     pattern = parse_pattern(pattern)
@@ -181,17 +183,25 @@ def compress_model(
 
     t0 = time.perf_counter()
     inputs = capture_inputs(model, calib_ids, device=device, batch_tokens=batch_tokens)
-    reports = []
+    start, reports, inputs = store.restore(layers, inputs) if store else (0, [], inputs)
     bar = _progress(progress)
     with bar or nullcontext():
         task = bar.add_task(f"{m.name} {pattern}", total=len(layers)) if bar else None
+        if bar and start:
+            bar.advance(task, start)
         for i, layer in enumerate(layers):
+            if i < start:
+                continue
+            if store:
+                store.load(i, layer)
             home = next(layer.parameters()).device
             layer.to(device)
             on_linear = (lambda name, i=i: bar.update(task, description=f"{m.name} {pattern} · layer {i}.{name}")) if bar else None
             report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear)
             layer.to(home)
             reports.append(report)
+            if store:
+                store.save(i, layer, report, inputs)
             if bar:
                 bar.advance(task)
     total = time.perf_counter() - t0
