@@ -422,6 +422,11 @@ def _print_report(report: dict, evaluation: dict, out: Path) -> None:
             f"{sum(secs.values()):.2f}",
         )
     console.print(table)
+    warned = [w for layer in report["layers"] for e in layer["linears"] for w in e.get("warnings", [])]
+    for w in warned[:5]:
+        console.print(f"warning: {w}", style="yellow", highlight=False)
+    if len(warned) > 5:
+        console.print(f"warning: {len(warned) - 5} more in {checkpoint.MANIFEST} (layers[].linears[].warnings)", style="yellow")
     s = report["seconds"]
     console.print(
         f"sparsity {report['sparsity']:.4f} of the decoder linears · {s['total']:.1f} s "
@@ -538,10 +543,10 @@ def main() -> None:
     kinds = _click_exceptions()
     no_args_help = tuple(k.NoArgsIsHelpError for k in kinds if hasattr(k, "NoArgsIsHelpError"))
     usage = tuple(k.UsageError for k in kinds)
-    abort = tuple(k.Abort for k in kinds if hasattr(k, "Abort"))
+    abort = tuple(k.Abort for k in [*kinds, typer.exceptions] if hasattr(k, "Abort"))
     other = tuple(k.ClickException for k in kinds)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # Typer turns Ctrl-C into the return value 130 here
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -557,8 +562,11 @@ def main() -> None:
         print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code if e.exit_code else 2)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import models
+from . import models, numerics
 from .errors import UserError
 from .methods import get_method
 from .patterns import check_shape, parse_pattern
@@ -120,13 +120,16 @@ def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options:
             on_linear(name)
         stats = collector[name]
         weight = linear.weight.data
+        numerics.check_statistics(stats, f"layers.{index}.{name}")
         t1 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            numerics.warn_rank_deficient(stats, weight.shape[1])
             try:
                 new = method.prune(weight, stats, pattern, **options)
             except UserError as e:
                 raise UserError(f"layers.{index}.{name}: {e}") from None
+        numerics.check_weight(new, f"layers.{index}.{name}")
         if new.is_cuda:
             torch.cuda.synchronize(new.device)
         seconds = time.perf_counter() - t1
@@ -146,6 +149,7 @@ def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options:
     del collector
     t2 = time.perf_counter()
     outputs = inputs.run(layer)
+    numerics.check_outputs(outputs, f"layers.{index}")
     report["seconds"] = {
         "statistics": round(t_stats, 4),
         "prune": round(t_prune, 4),

@@ -159,8 +159,9 @@ class RunFolder:
         prefix = self._prefix(index)
         self._write_tensors(layer_file(index), {prefix + k: v for k, v in layer.state_dict().items()}, cast=True)
         self._write_tensors(inputs_file(index + 1), {f"batch.{j}": h for j, h in enumerate(inputs.hidden)}, cast=False)
-        self._write_json(PROGRESS, {"done": index + 1, "reports": self.progress["reports"] + [report]})
-        self.progress = self._read(PROGRESS)
+        progress = {"done": index + 1, "reports": self.progress["reports"] + [report]}
+        self._write_json(PROGRESS, progress)
+        self.progress = progress
         (self.path / inputs_file(index)).unlink(missing_ok=True)
         if self.weights is not None:
             layer.to("meta")  # free it: offloaded layers live on disk only
