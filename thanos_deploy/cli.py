@@ -219,6 +219,10 @@ def _convert(source: str, out: Path, storage: str, overwrite: bool, pattern: Opt
         if pattern is None:
             raise UserError(f"'{source}' has no {checkpoint.MANIFEST}: pass --pattern to say how it was pruned")
         manifest = {"format": "thanos-deploy/1", "storage": "masked", "source_model": source, "pattern": pattern}
+    elif manifest.get("pattern") is None:
+        if pattern is None:
+            raise UserError(f"'{source}/{checkpoint.MANIFEST}' does not say the pattern: pass --pattern to say how it was pruned")
+        manifest = {**manifest, "pattern": pattern}
     elif pattern is not None and parse_pattern(pattern) != parse_pattern(manifest["pattern"]):
         raise UserError(f"--pattern {pattern} disagrees with the checkpoint's pattern {manifest['pattern']}")
     if manifest.get("storage", "masked") != "masked":
@@ -368,9 +372,16 @@ def inspect_cmd(
 def _inspect_onnx(path: str, as_json: bool) -> None:
     from .exporters.sparsity import check_model
 
+    from google.protobuf.message import DecodeError
+
     if not Path(path).is_file():
-        raise UserError(f"ONNX file '{path}' does not exist")
-    rows = check_model(path)
+        raise UserError(f"ONNX file '{path}' does not exist: check the path")
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"ONNX file '{path}' is empty: re-export it (thanos-deploy export onnx)")
+    try:
+        rows = check_model(path)
+    except (DecodeError, ValueError, OSError) as e:
+        raise UserError(f"'{path}' is not a readable ONNX model ({str(e).splitlines()[0]}): re-export it (thanos-deploy export onnx)") from None
     if as_json:
         print(json.dumps({"weights": rows}))
         return
@@ -531,8 +542,18 @@ def _usage_error(e) -> None:
     ctx = getattr(e, "ctx", None)
     if ctx is not None:
         print(ctx.get_usage(), file=sys.stderr)
-    fix = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+    fix = f": see '{ctx.command_path} --help'" if ctx is not None else ""
     print(f"error: {e.format_message().rstrip('.')}{fix}", file=sys.stderr)
+
+
+def _environment_error(e: OSError) -> str:
+    """An OS refusal (a full disk, a read-only or special path) as a problem and its fix."""
+    import errno
+
+    where = f" '{e.filename}'" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"no space left on the device writing{where} ({e.strerror}): free some space or choose another --out"
+    return f"cannot use{where}: {e.strerror or e}: check the path and its permissions, or choose another --out"
 
 
 def main() -> None:
@@ -561,6 +582,9 @@ def main() -> None:
     except other as e:
         print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code if e.exit_code else 2)
+    except OSError as e:
+        print(f"error: {_environment_error(e)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         code = 130
     if code == 130:

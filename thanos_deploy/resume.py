@@ -15,10 +15,12 @@ progress files removed, and the folder renamed to `--out` in one step.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -34,6 +36,7 @@ from torch import nn
 from . import models
 from .errors import UserError
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file size limit (ulimit -f)
 PROGRESS, FINGERPRINT, LOCK = "progress.json", "fingerprint.json", "lock"
 REST = "model-rest.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -231,7 +234,12 @@ class RunFolder:
             return t.contiguous()
 
         tmp = self.path / f".{name}.tmp"
-        save_file({k: ready(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        try:
+            save_file({k: ready(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        except SafetensorError as e:  # the Rust writer reports I/O errors (a full disk) as its own type
+            tmp.unlink(missing_ok=True)
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code.group(1)) if code else errno.EIO, str(e).splitlines()[0], str(tmp)) from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # the safetensors writer creates files 0600
@@ -295,6 +303,14 @@ def guard(run: RunFolder, program: str):
     except UserError:
         run.close(discard=run.owned)
         raise
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            run.close(discard=False)
+            raise
+        keep = run.done > 0 or not run.owned
+        run.close(discard=not keep)
+        fix = f"free some space, then resume with: {resume_command(program)}" if keep else "free some space or choose another --out"
+        raise UserError(f"no space left on the device writing '{run.out}' ({e.strerror}): {fix}") from None
     except BaseException:
         run.close(discard=False)
         raise
