@@ -4,8 +4,9 @@ Each run is a child process (the installed CLI's main()); it reports its residen
 imports (the interpreter's baseline) and its peak (VmHWM) at exit. Prints both peaks above the
 baseline, the model's size on disk, the ratio, and whether the two outputs are byte-identical.
 
-    python bench/offload_memory.py                 # 16 layers, hidden 1024, intermediate 2816, fp32: 0.85 GB
-    python bench/offload_memory.py --layers 32     # the 1.6 GB model of the issue (about twice as long)
+    python bench/offload_memory.py                    # 16 layers, hidden 1024, intermediate 2816, fp32: 0.85 GB, Wanda 2:4
+    python bench/offload_memory.py --layers 32        # 1.6 GB (about twice as long)
+    python bench/offload_memory.py --method thanos    # Thanos 2:4 (minutes per layer on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=8192, help="small, so embeddings + head weigh what they do in a 7B model (4 %%)")
-    parser.add_argument("--method", default="thanos")
+    parser.add_argument("--method", default="wanda", help="wanda (default: minutes on 2 CPU cores); thanos adds its fp32 Hessians "
+                        "(b x b per input group, 32 MB at b = 2816) and takes minutes per layer there")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)
     args = parser.parse_args()

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,23 +68,12 @@ def inputs(tmp_path_factory, tiny_folder) -> dict:
     files["ckpt_truncated"] = variant("ckpt-truncated", lambda d: os.truncate(d / shard, (d / shard).stat().st_size // 2))
     files["ckpt_missing_shard"] = variant("ckpt-missing", lambda d: (d / shard).unlink())
 
-    def flip_byte(d: Path) -> None:
-        data = bytearray((d / shard).read_bytes())
-        data[-3] ^= 0xFF
-        (d / shard).write_bytes(bytes(data))
-
-    files["ckpt_modified"] = variant("ckpt-modified", flip_byte)
-
     dense = root / "dense"
     tiny_model("llama").save_pretrained(dense)
     trunc = root / "dense-truncated"
     shutil.copytree(dense, trunc)
     os.truncate(trunc / "model.safetensors", 100)
     files["dense_truncated"] = str(trunc)
-    garbage = root / "dense-garbage"
-    shutil.copytree(dense, garbage)
-    _bytes(garbage / "model.safetensors", b"\x00" * 64 + os.urandom(4096))
-    files["dense_garbage"] = str(garbage)
     no_weights = root / "no-weights"
     no_weights.mkdir()
     shutil.copy(dense / "config.json", no_weights / "config.json")
@@ -106,7 +96,6 @@ def inputs(tmp_path_factory, tiny_folder) -> dict:
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
     files["gpt2"] = str(gpt2)
 
-    files["gguf_empty"] = str(_bytes(root / "empty.gguf", b""))
     files["gguf_garbage"] = str(_bytes(root / "garbage.gguf", b"GGUF" + os.urandom(2000)))
     files["onnx_garbage"] = str(_bytes(root / "garbage.onnx", os.urandom(3000)))
     files["onnx_empty"] = str(_bytes(root / "empty.onnx", b""))
@@ -116,7 +105,6 @@ def inputs(tmp_path_factory, tiny_folder) -> dict:
     files["onnx_folder"] = str(onnx_dir)
 
     files["tok_pt_garbage"] = str(_bytes(root / "garbage.pt", os.urandom(500)))
-    files["tok_pt_empty"] = str(_bytes(root / "empty.pt", b""))
     np.save(root / "flat.npy", np.arange(64))
     files["tok_npy_1d"] = str(root / "flat.npy")
     save_file({"input_ids": torch.rand(2, 32)}, root / "float.safetensors")
@@ -124,7 +112,6 @@ def inputs(tmp_path_factory, tiny_folder) -> dict:
     save_file({"input_ids": torch.full((2, 32), 10**6, dtype=torch.long)}, root / "big.safetensors")
     files["tok_out_of_vocab"] = str(root / "big.safetensors")
     files["tok_csv"] = str(_bytes(root / "ids.csv", b"1,2,3\n4,5,6\n"))
-    files["tok_truncated"] = str(_bytes(root / "truncated.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"))
 
     files["txt_binary"] = str(_bytes(root / "binary.txt", bytes(range(256)) * 4))
     files["txt_empty"] = str(_bytes(root / "empty.txt", b""))
@@ -138,12 +125,12 @@ def inputs(tmp_path_factory, tiny_folder) -> dict:
 
 
 def disk_full_setup(ws: Path, inputs: dict) -> None:
-    """A 192 KiB file system for --out: a tmpfs where mounting is allowed (root, no container
-    restrictions); otherwise the same limit enforced by the kernel per process (RLIMIT_FSIZE, see
+    """A 64 KiB file system (less than one layer of the tiny model) for --out: a tmpfs where mounting is allowed (root, no container
+    restrictions); otherwise the same limit enforced by the kernel per process (`ulimit -f`, RLIMIT_FSIZE, see
     `run_case`), which fails the write call with EFBIG instead of ENOSPC."""
     small = ws / "small"
     small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(small)], capture_output=True).returncode == 0
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode == 0
     (ws / ".mounted" if mounted else ws / ".fsize").write_text("")
 
 
@@ -152,45 +139,28 @@ CASES = [
     Case("typo-in-command", ["bnech"], "No such command 'bnech'", usage=True),
     Case("typo-in-option", ["compress", "{model}", "--patern", "2:4", "--out", "{out}"], "No such option: --patern", usage=True),
     Case("eval-without-model", ["eval"], "Missing argument", usage=True),
-    Case("inspect-without-target", ["inspect"], "Missing argument", usage=True),
-    Case("not-a-number", ["compress", "{model}", "--out", "{out}", "--nsamples", "many"], "Invalid value for '--nsamples'", usage=True),
     # patterns and option values
     Case("pattern-three-parts", ["compress", "{model}", "--pattern", "2:5:1", "--out", "{out}"], "invalid pattern '2:5:1'"),
-    Case("pattern-n-above-m", ["compress", "{model}", "--pattern", "3:2", "--out", "{out}"], "invalid pattern '3:2'"),
-    Case("pattern-sparsity-above-1", ["compare", "{model}", "--pattern", "structured:1.5"], "invalid pattern 'structured:1.5'"),
-    Case("pattern-nm-not-dividing", ["compress", "{model}", "--method", "wanda", "--pattern", "2:3", "--calib", "{text}", "--seqlen", "32", "--out", "{out}"], "not a multiple of M=3"),
     Case("unknown-method", ["compress", "{model}", "--method", "obs", "--out", "{out}"], "unknown method 'obs'"),
-    Case("alpha-out-of-range", ["compress", "{model}", "--alpha", "0.9", "--out", "{out}"], "alpha"),
-    Case("option-for-another-method", ["compress", "{model}", "--method", "wanda", "--block-size", "64", "--out", "{out}"], "does not take option(s) block_size"),
     Case("block-size-zero", ["compress", "{model}", "--block-size", "0", "--out", "{out}"], "--block-size"),
-    Case("zero-samples", ["compress", "{model}", "--nsamples", "0", "--out", "{out}"], "--nsamples must be at least 1"),
-    Case("batch-tokens-zero", ["compress", "{model}", "--batch-tokens", "0", "--out", "{out}"], "--batch-tokens"),
-    Case("unknown-device", ["compress", "{model}", "--device", "tpu", "--out", "{out}"], "unknown device 'tpu'"),
     Case("cuda-without-gpu", ["eval", "{model}", "--device", "cuda"], "no CUDA device"),
     Case("unknown-dtype", ["eval", "{model}", "--dtype", "float8"], "unknown dtype 'float8'"),
-    Case("unknown-save-dtype", ["compress", "{model}", "--save-dtype", "int8", "--out", "{out}"], "unknown --save-dtype 'int8'"),
     Case("shrink-with-nm", ["compress", "{model}", "--pattern", "2:4", "--shrink", "--out", "{out}"], "--shrink needs a structured pattern"),
     Case("offload-with-pack", ["compress", "{model}", "--pattern", "2:4", "--pack", "--offload", "--out", "{out}"], "--offload writes masked checkpoints"),
-    Case("negative-windows", ["eval", "{model}", "--max-windows", "-1"], "--max-windows"),
     Case("seqlen-zero", ["eval", "{model}", "--seqlen", "0"], "--seqlen"),
     Case("zero-new-tokens", ["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
-    Case("unknown-backend", ["generate", "{model}", "--backend", "tflite", "--prompt", "hi"], "tflite"),
-    Case("export-bad-dtype", ["export", "onnx", "{ckpt}", "--dtype", "int8", "--out", "{out}"], "unknown --dtype 'int8'"),
     Case("compare-unknown-option", ["compare", "{model}", "--methods", "thanos:beta=1"], "beta"),
     Case("compare-no-methods", ["compare", "{model}", "--methods", ","], "--methods"),
     Case("engine-bad-shapes", ["build-engine", "{onnx_folder}", "--shapes", "batch=4:1", "--out", "{out}"], "shapes"),
     # models
-    Case("missing-model", ["compress", "./no/such/model", "--out", "{out}"], "does not exist"),
     Case("folder-without-config", ["eval", "{no_config}"], "without config.json"),
     Case("config-not-json", ["compress", "{bad_config}", "--out", "{out}"], "config"),
     Case("config-without-weights", ["eval", "{no_weights}"], "no file named model.safetensors"),
     Case("safetensors-truncated", ["eval", "{dense_truncated}"], "dense-truncated"),
-    Case("safetensors-garbage", ["inspect", "{dense_garbage}"], "dense-garbage"),
     Case("offload-safetensors-truncated", ["compress", "{dense_truncated}", "--offload", "--calib-tokens", "{ids}", "--out", "{out}"], "dense-truncated"),
-    Case("gguf-empty", ["compress", "{gguf_empty}", "--out", "{out}"], "empty.gguf"),
     Case("gguf-garbage", ["eval", "{gguf_garbage}"], "garbage.gguf"),
     Case("not-a-model-file", ["eval", "{text}"], "is not a model"),
-    Case("unsupported-family", ["compress", "{gpt2}", "--out", "{out}"], "unsupported architecture 'gpt2'"),
+    Case("unsupported-family", ["compress", "{gpt2}", "--out", "{ws}/new/deeper/out"], "unsupported architecture 'gpt2'"),
     Case("nan-weights", ["compress", "{nan_model}", "--calib-tokens", "{ids}", "--out", "{out}"], "layers.1.self_attn.q_proj"),
     # checkpoints and manifests
     Case("manifest-not-json", ["eval", "{ckpt_bad_json}"], "is not valid JSON"),
@@ -198,38 +168,29 @@ CASES = [
     Case("manifest-without-pattern", ["shrink", "{ckpt_no_pattern}", "--out", "{out}"], "pattern"),
     Case("manifest-packed-without-modules", ["inspect", "{ckpt_packed_no_modules}"], "without valid 'modules'"),
     Case("checkpoint-shard-truncated", ["eval", "{ckpt_truncated}"], "does not match the hash"),
-    Case("checkpoint-shard-modified", ["inspect", "{ckpt_modified}"], "does not match the hash"),
     Case("checkpoint-shard-missing", ["pack", "{ckpt_missing_shard}", "--out", "{out}"], "is incomplete"),
     Case("pack-structured", ["pack", "{ckpt_structured}", "--out", "{out}"], "--pack needs an N:M pattern"),
     Case("shrink-without-manifest", ["shrink", "{model}", "--out", "{out}"], "pass --pattern"),
     # ONNX
     Case("onnx-garbage", ["inspect", "{onnx_garbage}"], "garbage.onnx"),
     Case("onnx-empty", ["inspect", "{onnx_empty}"], "empty.onnx"),
-    Case("onnx-missing", ["inspect", "{ws}/none.onnx"], "does not exist"),
     Case("onnx-garbage-generate", ["generate", "{onnx_folder}", "--backend", "ort", "--prompt", "hi"], "model.onnx"),
     Case("engine-without-tensorrt", ["build-engine", "{onnx_folder}", "--out", "{out}"], "TensorRT"),
     # token files
-    Case("tokens-missing", ["compress", "{model}", "--calib-tokens", "{ws}/none.pt", "--out", "{out}"], "does not exist"),
     Case("tokens-garbage-pt", ["compress", "{model}", "--calib-tokens", "{tok_pt_garbage}", "--out", "{out}"], "cannot read token file"),
-    Case("tokens-empty-pt", ["compress", "{model}", "--calib-tokens", "{tok_pt_empty}", "--out", "{out}"], "cannot read token file"),
     Case("tokens-1d-npy", ["compress", "{model}", "--calib-tokens", "{tok_npy_1d}", "--out", "{out}"], "2-D tensor"),
     Case("tokens-float", ["compress", "{model}", "--calib-tokens", "{tok_float}", "--out", "{out}"], "token ids must be integers"),
     Case("tokens-out-of-vocab", ["compress", "{model}", "--calib-tokens", "{tok_out_of_vocab}", "--out", "{out}"], "token ids must lie in"),
     Case("tokens-csv", ["compress", "{model}", "--calib-tokens", "{tok_csv}", "--out", "{out}"], "use .pt, .npy or .safetensors"),
-    Case("tokens-truncated-safetensors", ["compress", "{model}", "--calib-tokens", "{tok_truncated}", "--out", "{out}"], "cannot read token file"),
     # calibration and evaluation text
     Case("calib-binary-txt", ["compress", "{model}", "--calib", "{txt_binary}", "--seqlen", "64", "--out", "{out}"], "is binary, not UTF-8 text"),
-    Case("calib-empty-txt", ["compress", "{model}", "--calib", "{txt_empty}", "--out", "{out}"], "is empty"),
     Case("calib-jsonl-wrong-field", ["compress", "{model}", "--calib", "{jsonl_wrong_field}", "--out", "{out}"], "\"text\" field"),
-    Case("calib-jsonl-not-json", ["compress", "{model}", "--calib", "{jsonl_not_json}", "--out", "{out}"], "line 1"),
     Case("eval-jsonl-binary", ["eval", "{model}", "--data", "{jsonl_binary}"], "is binary, not UTF-8 text"),
-    Case("calib-unknown-source", ["compress", "{model}", "--calib", "pile", "--out", "{out}"], "pile"),
     # output paths
     Case("out-under-a-file", ["compress", "{model}", "--out", "{file}/out"], "is not a writable folder"),
     Case("out-special-file", ["compress", "{model}", "--out", "/dev/null", "--overwrite"], "special file"),
     Case("out-current-folder", ["compress", "{model}", "--out", ".", "--overwrite"], "current folder"),
     Case("out-unwritable", ["compress", "{model}", "--calib-tokens", "{ids}", "--out", "/proc/thanos-deploy-out"], "/proc"),
-    Case("out-exists", ["compress", "{model}", "--out", "{ckpt}"], "already exists"),
     Case("export-out-under-a-file", ["export", "onnx", "{ckpt}", "--out", "{file}/onnx"], "is not a writable folder"),
     Case("disk-full", ["compress", "{model}", "--method", "wanda", "--calib-tokens", "{ids}", "--out", "{ws}/small/out"], "no space", setup=disk_full_setup),
     Case("resume-damaged-progress", ["compress", "{model}", "--calib-tokens", "{ids}", "--out", "{out}", "--resume"], "--overwrite",
@@ -247,36 +208,40 @@ def snapshot(folder: Path) -> dict:
     }
 
 
-def run_case(case: Case, ws: Path, inputs: dict) -> subprocess.CompletedProcess:
-    values = {**inputs, "out": str(ws / "out"), "ws": str(ws)}
-    args = [a.format(**values) for a in case.args]
-    if not (ws / ".fsize").exists():
-        return run_cli(*args, env=case.env, cwd=ws)
-    import resource
-    import signal
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write call then fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (192 * 1024, 192 * 1024))
-
-    exe = Path(sys.executable).with_name("thanos-deploy")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=ws, timeout=600, preexec_fn=limit_file_size,
-                          env={**os.environ, **case.env})
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case, inputs, tmp_path):
-    ws = tmp_path / "ws"
+def run_case(case: Case, ws: Path, inputs: dict) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    """(result, files before, files after) of one case in its own folder `ws`."""
     ws.mkdir()
     if case.setup:
         case.setup(ws, inputs)
-    before, shared = snapshot(ws), snapshot(Path(inputs["root"]))
+    before = snapshot(ws)
+    values = {**inputs, "out": str(ws / "out"), "ws": str(ws)}
+    args = [a.format(**values) for a in case.args]
+    command = [str(Path(sys.executable).with_name("thanos-deploy")), *args]
+    if (ws / ".fsize").exists():  # SIGXFSZ ignored, so the write call fails with EFBIG; 64 blocks of 1 KiB
+        command = ["bash", "-c", 'trap "" XFSZ; ulimit -f 64; exec "$@"', "--", *command]
     try:
-        r = run_case(case, ws, inputs)
-        after = snapshot(ws)
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ws, timeout=600, env={**os.environ, **case.env})
+        return result, before, snapshot(ws)
     finally:
         if (ws / ".mounted").exists():
             subprocess.run(["umount", str(ws / "small")], check=True)
+
+
+@pytest.fixture(scope="module")
+def results(inputs, tmp_path_factory) -> dict:
+    """Every case, run concurrently (one process per CPU core: each is mostly a Python start-up)."""
+    root = tmp_path_factory.mktemp("cases")
+    shared = snapshot(Path(inputs["root"]))
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        futures = {c.name: pool.submit(run_case, c, root / c.name, inputs) for c in CASES}
+        done = {name: f.result() for name, f in futures.items()}
+    done["shared inputs unchanged"] = snapshot(Path(inputs["root"])) == shared
+    return done
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case, results):
+    r, before, after = results[case.name]
     output = r.stderr + r.stdout
     assert r.returncode == 2, output
     assert "Traceback" not in output, output
@@ -286,7 +251,7 @@ def test_bad_input(case, inputs, tmp_path):
     assert lines[-1] == errors[0] and (len(lines) == 1 or case.usage and lines[0].startswith("Usage: ")), r.stderr
     assert case.match in errors[0], errors[0]
     assert after == before, "files were left behind or changed"
-    assert snapshot(Path(inputs["root"])) == shared, "an input was changed"
+    assert results["shared inputs unchanged"], "an input was changed"
     assert not Path("/proc/thanos-deploy-out").exists()
 
 

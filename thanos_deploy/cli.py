@@ -46,6 +46,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _at_least(minimum: int, **values: int) -> None:
+    """Counts given on the command line (window lengths, token budgets) must be at least `minimum`."""
+    for name, value in values.items():
+        if value < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}: pass a larger value")
+
+
 def _seqlen(model, seqlen: int) -> int:
     limit = getattr(model.config, "max_position_embeddings", None)
     return min(seqlen, limit) if limit else seqlen
@@ -104,6 +111,8 @@ def compress(
     _save_dtype(save_dtype)
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
+    _at_least(1, seqlen=seqlen, batch_tokens=batch_tokens, eval_seqlen=eval_seqlen)
+    _at_least(0, eval_windows=eval_windows)
     checkpoint.check_output(out, overwrite)
     dev = _device(device)
 
@@ -471,6 +480,9 @@ def compare_cmd(
     from .compare import Run, compare
 
     runs = [Run.parse(spec) for spec in methods.split(",") if spec.strip()]
+    if not runs:
+        raise UserError(f"--methods '{methods}' names no run: list some, e.g. dense,wanda,thanos")
+    _at_least(1, seqlen=seqlen, eval_seqlen=eval_seqlen)
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
     results = compare(
@@ -514,6 +526,7 @@ def eval_cmd(
     """Perplexity over non-overlapping windows: exp(mean next-token cross-entropy)."""
     if max_windows < 0:
         raise UserError(f"--max-windows must be 0 (all) or positive, got {max_windows}")
+    _at_least(1, seqlen=seqlen)
     dev = _device(device)
     net, tokenizer = models.load(model, dtype=dtype)
     result = {"model": model, **_eval(net, tokenizer, data_source, seqlen, max_windows, dev)}

@@ -17,8 +17,7 @@ from torch import nn
 
 from . import models
 from .errors import UserError
-
-INDEX = "model.safetensors.index.json"
+from .resume import INDEX
 
 
 class ShardedWeights:

@@ -73,6 +73,7 @@ class RunFolder:
 
     def __init__(self, out: Path, *, resume: bool, overwrite: bool):
         self.out, self.path = out, partial_folder(out)
+        self._made = [p for p in out.parents if not p.exists()]  # removed again if this run is discarded
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.path.mkdir()
@@ -181,7 +182,8 @@ class RunFolder:
         rest = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
         head = model.get_output_embeddings()
         if getattr(model.config, "tie_word_embeddings", False) and head is not None:
-            rest = {k: v for k, v in rest.items() if v is not head.weight}
+            head_name = next(n for n, m in model.named_modules() if m is head)
+            rest.pop(f"{head_name}.weight", None)  # tied to the input embeddings, re-tied on load
         self._write_tensors(REST, rest, cast=True)
         dtype = self.write_dtype or next(iter(rest.values())).dtype
         model.config.dtype = dtype
@@ -218,6 +220,11 @@ class RunFolder:
         """Release the lock; `discard` removes the folder (a run that failed on bad input)."""
         if discard:
             shutil.rmtree(self.path, ignore_errors=True)
+            for folder in self._made:  # deepest first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         if not self._lock.closed:
             self._lock.close()
 
