@@ -29,7 +29,12 @@ def _status_kib(field: str) -> int:
 
 
 def child(argv: list[str]) -> None:
-    """Run the CLI in this process; print {"baseline_kib", "peak_kib"} as the last line of stderr."""
+    """Run the CLI in this process; print {"baseline_kib", "peak_kib"} as the last line of stderr.
+
+    The baseline is taken after importing the CLI and the Llama modelling code (transformers
+    imports it lazily, about 110 MB): code both runs load, not model data."""
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
     from thanos_deploy.cli import main
 
     baseline = _status_kib("VmRSS")

@@ -7,6 +7,7 @@ Peak memory is then one decoder layer + the calibration activations + the statis
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -62,8 +63,7 @@ class ShardedWeights:
                         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         except (SafetensorError, OSError) as e:
             raise UserError(f"cannot read '{path}' ({_first_line(e)}): the file is damaged, re-create the checkpoint") from None
-        module.to_empty(device="cpu", recurse=True)
-        module.load_state_dict(state, strict=True, assign=True)
+        module.load_state_dict(state, strict=True, assign=True)  # the meta tensors are replaced, nothing else allocated
 
 
 def load_skeleton(spec: str, dtype: str = "auto"):
@@ -139,8 +139,14 @@ def _config_dtype(config) -> torch.dtype:
 
 
 def free_layer(layer: nn.Module) -> None:
-    """Drop a decoder layer's storage: back to meta, as it was before `load_into`."""
+    """Drop a decoder layer's storage (back to meta, as before `load_into`) and hand the freed
+    memory back to the OS: glibc keeps freed mid-sized blocks in its heap otherwise, and the
+    resident size would grow layer after layer."""
     layer.to("meta")
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def wants_offload(spec: str, flag: bool | None, *, compatible: bool) -> bool:

@@ -168,7 +168,9 @@ class RunFolder:
         self.progress = progress
         (self.path / inputs_file(index)).unlink(missing_ok=True)
         if self.weights is not None:
-            layer.to("meta")  # free it: offloaded layers live on disk only
+            from .offload import free_layer
+
+            free_layer(layer)  # offloaded layers live on disk only
 
     # -- the end ----------------------------------------------------------------------------------
 
