@@ -41,7 +41,12 @@ def create_session(path: Path, provider: str = "cpu", provider_options: dict | N
     providers.append("CPUExecutionProvider")
     with warnings.catch_warnings():  # ORT warns and falls back when a provider is missing; we check below
         warnings.simplefilter("ignore")
-        session = ort.InferenceSession(str(path), providers=providers)
+        try:
+            session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as e:  # ORT's pybind errors (InvalidProtobuf, Fail, ...) share no base class but Exception
+            if not Path(path).is_file():
+                raise
+            raise UserError(f"ONNX Runtime cannot load '{path}' ({str(e).splitlines()[0][:200]}): re-export it (thanos-deploy export onnx)") from None
     active = session.get_providers()
     if active[0] != wanted:
         raise UserError(

@@ -37,6 +37,11 @@ WEIGHTS = "model.safetensors"
 def check_output(out: str | Path, overwrite: bool) -> Path:
     """Fail early, before any work, if `out` exists and may not be replaced."""
     out = Path(out).expanduser()
+    if out.exists() and not (out.is_dir() or out.is_file()):
+        raise UserError(f"output '{out}' is a special file (a device, socket or pipe): choose a folder path for --out")
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):
+        raise UserError(f"output '{out}' is the current folder or one above it, which would be replaced: choose a new folder for --out")
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists: pass --overwrite or choose another --out")
     existing = next(p for p in out.parents if p.exists())  # missing parents are made when saving
@@ -111,9 +116,15 @@ def read_manifest(folder: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"'{path}' is not valid JSON ({e}): the checkpoint is damaged, re-create it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise UserError(f"'{path}' is not a thanos-deploy manifest (a JSON object with 'files'): the checkpoint is damaged, re-create it")
+    storage = manifest.get("storage", "masked")
+    if storage not in ("masked", "shrunk", "packed") or (storage != "masked" and not isinstance(manifest.get("modules"), dict)):
+        raise UserError(f"'{path}' has storage '{storage}' without valid 'modules': the checkpoint is damaged, re-create it")
+    return manifest
 
 
 def verify_files(folder: Path, manifest: dict) -> None:
@@ -133,11 +144,13 @@ def load_pretrained(where, *, dtype="auto"):
     manifest = read_manifest(folder) if folder else None
     if manifest is not None:
         verify_files(folder, manifest)
+    from safetensors import SafetensorError
+
     try:
         if manifest is None or manifest.get("storage", "masked") == "masked" or manifest.get("plain"):
             return AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
         return _load_compact(folder, manifest, dtype)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model '{where}': {msg}") from None
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import checkpoint, data, models
+from . import resume as resume_run
 from .driver import compress_model
 from .errors import UserError
 from .evaluate import perplexity
@@ -25,6 +26,7 @@ from .methods import get_method
 from .compact import pack_model, shrink_model
 from .compact.plain import plain_config
 from .inspect import inspect_model
+from .offload import load_skeleton, wants_offload
 from .patterns import NM, Structured, check_shape, parse_pattern
 from .targets import select
 
@@ -66,6 +68,13 @@ def _device(name: str) -> torch.device:
     if not (name == "cpu" or name.startswith("cuda")):
         raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
     return torch.device(name)
+
+
+def _at_least(minimum: int, **values: int) -> None:
+    """Counts given on the command line (window lengths, token budgets) must be at least `minimum`."""
+    for name, value in values.items():
+        if value < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}: pass a larger value")
 
 
 def _seqlen(model, seqlen: int) -> int:
@@ -117,6 +126,8 @@ def compress(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help=TARGETS_HELP),
     ignore: Optional[list[str]] = typer.Option(None, "--ignore", help=IGNORE_HELP),
+    resume: bool = typer.Option(False, help="Continue an unfinished run of the same command from its last finished layer"),
+    offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Read one decoder layer at a time from disk (default: when the model would not fit in memory)"),
 ):
     """Prune MODEL layer by layer and save it as a Hugging Face folder with thanos_deploy.json."""
     m = get_method(method)
@@ -126,63 +137,85 @@ def compress(
     _save_dtype(save_dtype)
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
+    _at_least(1, seqlen=seqlen, batch_tokens=batch_tokens, eval_seqlen=eval_seqlen)
+    _at_least(0, eval_windows=eval_windows)
     out = out if out is not None else default_out(model, m.name, str(patt))
     checkpoint.check_output(out, overwrite)
     dev = _device(device)
 
-    started = time.perf_counter()
-    with console.status(f"loading {model}"):
-        net, tokenizer = models.load(model, dtype=dtype)
-    for i, subs in enumerate(select(net, targets, ignore)):
-        for name, linear in subs.items():
-            check_shape(patt, f"layers.{i}.{name}", linear.in_features)
-    if calib_tokens is not None:
-        ids = data.load_token_file(calib_tokens)
-        calib_source = str(calib_tokens)
-    else:
-        with console.status(f"tokenizing calibration data '{calib}'"):
-            ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=_seqlen(net, seqlen), seed=seed)
-        calib_source = calib
-    data.check_tokens(ids, net.config.vocab_size)
-    if _seqlen(net, ids.shape[1]) < ids.shape[1]:
-        raise UserError(f"calibration windows of {ids.shape[1]} tokens exceed this model's maximum of {_seqlen(net, ids.shape[1])}")
+    offloaded = wants_offload(model, offload, compatible=storage == "masked" and eval_windows == 0)
+    if offloaded and storage != "masked":
+        raise UserError("--offload writes masked checkpoints: drop --shrink/--pack, then run `thanos-deploy shrink` or `pack` on the output")
+    if offloaded and eval_windows > 0:
+        raise UserError("--offload never holds the whole model, so it cannot evaluate it: drop --eval-windows and run `thanos-deploy eval` on the output")
+    run = resume_run.RunFolder(out, resume=resume, overwrite=overwrite)
+    with resume_run.guard(run, "thanos-deploy"):
+        started = time.perf_counter()
+        with console.status(f"loading {model}"):
+            if offloaded:
+                net, tokenizer, weights = load_skeleton(model, dtype=dtype)
+            else:
+                (net, tokenizer), weights = models.load(model, dtype=dtype), None
+        for i, subs in enumerate(select(net, targets, ignore)):
+            for name, linear in subs.items():
+                check_shape(patt, f"layers.{i}.{name}", linear.in_features)
+        if calib_tokens is not None:
+            ids = data.load_token_file(calib_tokens)
+            calib_source = str(calib_tokens)
+        else:
+            with console.status(f"tokenizing calibration data '{calib}'"):
+                ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=_seqlen(net, seqlen), seed=seed)
+            calib_source = calib
+        data.check_tokens(ids, net.config.vocab_size)
+        if _seqlen(net, ids.shape[1]) < ids.shape[1]:
+            raise UserError(f"calibration windows of {ids.shape[1]} tokens exceed this model's maximum of {_seqlen(net, ids.shape[1])}")
 
-    evaluation = {}
-    if eval_windows > 0:
-        with console.status("evaluating the dense model"):
-            evaluation["dense"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
+        evaluation = {}
+        if eval_windows > 0:
+            with console.status("evaluating the dense model"):
+                evaluation["dense"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
 
-    report = compress_model(net, ids, method=m.name, pattern=patt, device=dev, batch_tokens=batch_tokens, progress=True,
-                            targets=targets, ignore=ignore, **options)
+        run.start(
+            {"model": model, **resume_run.model_identity(models.resolve(model)), "dtype": str(next(net.parameters()).dtype),
+             "tokens_hash": data.token_hash(ids), "method": m.name, "pattern": str(patt), "options": options, "targets": targets or [], "ignore": ignore or [], "storage": storage,
+             "save_dtype": save_dtype, "batch_tokens": batch_tokens, "device": dev.type, "versions": _versions()},
+            net, weights=weights, write_dtype=_save_dtype(save_dtype) if storage == "masked" else None,
+        )
+        report = compress_model(net, ids, method=m.name, pattern=patt, device=dev, batch_tokens=batch_tokens, progress=True,
+                                targets=targets, ignore=ignore, store=run, **options)
 
-    if eval_windows > 0:
-        with console.status("evaluating the pruned model"):
-            evaluation["pruned"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
+        if eval_windows > 0:
+            with console.status("evaluating the pruned model"):
+                evaluation["pruned"] = _eval(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
 
-    manifest = {
-        "format": "thanos-deploy/1",
-        "storage": "masked",
-        "source_model": model,
-        "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
-        **{k: report[k] for k in ("method", "pattern", "options", "sparsity", "targets", "ignore")},
-        "calibration": {
-            "source": calib_source,
-            "nsamples": int(ids.shape[0]),
-            "seqlen": int(ids.shape[1]),
-            "seed": seed if calib_tokens is None else None,
-            "tokens_hash": data.token_hash(ids),
-        },
-        "evaluation": evaluation or None,
-        "versions": _versions(),
-        "seconds": {**report["seconds"], "command": round(time.perf_counter() - started, 3)},
-        "layers": report["layers"],
-    }
-    manifest = _compact(net, manifest, storage, save_dtype)
-    with console.status(f"saving to {out}"):
-        checkpoint.save(net, tokenizer, out, manifest, overwrite=overwrite)
-    _print_report(report, evaluation, out)
-    if storage != "masked":
-        _print_inspect(inspect_model(net, manifest), totals_only=True)
+        manifest = {
+            "format": "thanos-deploy/1",
+            "storage": "masked",
+            "source_model": model,
+            "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
+            **{k: report[k] for k in ("method", "pattern", "options", "sparsity", "targets", "ignore")},
+            "calibration": {
+                "source": calib_source,
+                "nsamples": int(ids.shape[0]),
+                "seqlen": int(ids.shape[1]),
+                "seed": seed if calib_tokens is None else None,
+                "tokens_hash": data.token_hash(ids),
+            },
+            "evaluation": evaluation or None,
+            "versions": _versions(),
+            "seconds": {**report["seconds"], "command": round(time.perf_counter() - started, 3)},
+            "layers": report["layers"],
+        }
+        manifest = _compact(net, manifest, storage, save_dtype)
+        with console.status(f"saving to {out}"):
+            if storage == "masked":
+                run.finish(tokenizer, manifest, overwrite=overwrite)
+            else:
+                checkpoint.save(net, tokenizer, out, manifest, overwrite=overwrite)
+                run.close(discard=True)
+        _print_report(report, evaluation, out)
+        if storage != "masked":
+            _print_inspect(inspect_model(net, manifest), totals_only=True)
 
 
 def default_out(model: str, method: str, pattern: str) -> Path:
@@ -240,6 +273,10 @@ def _convert(source: str, out: Path, storage: str, overwrite: bool, pattern: Opt
         if pattern is None:
             raise UserError(f"'{source}' has no {checkpoint.MANIFEST}: pass --pattern to say how it was pruned")
         manifest = {"format": "thanos-deploy/1", "storage": "masked", "source_model": source, "pattern": pattern}
+    elif manifest.get("pattern") is None:
+        if pattern is None:
+            raise UserError(f"'{source}/{checkpoint.MANIFEST}' does not say the pattern: pass --pattern to say how it was pruned")
+        manifest = {**manifest, "pattern": pattern}
     elif pattern is not None and parse_pattern(pattern) != parse_pattern(manifest["pattern"]):
         raise UserError(f"--pattern {pattern} disagrees with the checkpoint's pattern {manifest['pattern']}")
     if manifest.get("storage", "masked") != "masked":
@@ -389,9 +426,16 @@ def inspect_cmd(
 def _inspect_onnx(path: str, as_json: bool) -> None:
     from .exporters.sparsity import check_model
 
+    from google.protobuf.message import DecodeError
+
     if not Path(path).is_file():
-        raise UserError(f"ONNX file '{path}' does not exist")
-    rows = check_model(path)
+        raise UserError(f"ONNX file '{path}' does not exist: check the path")
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"ONNX file '{path}' is empty: re-export it (thanos-deploy export onnx)")
+    try:
+        rows = check_model(path)
+    except (DecodeError, ValueError, OSError) as e:
+        raise UserError(f"'{path}' is not a readable ONNX model ({str(e).splitlines()[0]}): re-export it (thanos-deploy export onnx)") from None
     if as_json:
         print(json.dumps({"weights": rows}))
         return
@@ -443,6 +487,11 @@ def _print_report(report: dict, evaluation: dict, out: Path) -> None:
             f"{sum(secs.values()):.2f}",
         )
     console.print(table)
+    warned = [w for layer in report["layers"] for e in layer["linears"] for w in e.get("warnings", [])]
+    for w in warned[:5]:
+        console.print(f"warning: {w}", style="yellow", highlight=False)
+    if len(warned) > 5:
+        console.print(f"warning: {len(warned) - 5} more in {checkpoint.MANIFEST} (layers[].linears[].warnings)", style="yellow")
     s = report["seconds"]
     console.print(
         f"sparsity {report['sparsity']:.4f} of the decoder linears · {s['total']:.1f} s "
@@ -478,6 +527,9 @@ def compare_cmd(
     from .compare import Run, compare
 
     runs = [Run.parse(spec) for spec in methods.split(",") if spec.strip()]
+    if not runs:
+        raise UserError(f"--methods '{methods}' names no run: list some, e.g. dense,wanda,thanos")
+    _at_least(1, seqlen=seqlen, eval_seqlen=eval_seqlen)
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
     results = compare(
@@ -522,6 +574,7 @@ def eval_cmd(
     """Perplexity over non-overlapping windows: exp(mean next-token cross-entropy)."""
     if max_windows < 0:
         raise UserError(f"--max-windows must be 0 (all) or positive, got {max_windows}")
+    _at_least(1, seqlen=seqlen)
     dev = _device(device)
     net, tokenizer = models.load(model, dtype=dtype)
     result = {"model": model, **_eval(net, tokenizer, data_source, seqlen, max_windows, dev)}
@@ -605,29 +658,71 @@ def _ints(text: Optional[str], option: str) -> tuple[int, ...]:
         raise UserError(f"{option} takes comma-separated integers, e.g. 1,4, not '{text}'") from None
 
 
+def _click_exceptions() -> list:
+    """The exception modules of every click the app may raise from: Typer >= 0.2x runs on its own
+    vendored copy (typer._click), whose classes are not click's; older Typer raises click's."""
+    found = [click.exceptions]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        return found
+    return found + [vendored]
+
+
+def _usage_error(e) -> None:
+    """click's usage line, then one `error:` line with the problem and where the options are."""
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        print(ctx.get_usage(), file=sys.stderr)
+    fix = f": see '{ctx.command_path} --help'" if ctx is not None else ""
+    print(f"error: {e.format_message().rstrip('.')}{fix}", file=sys.stderr)
+
+
+def _environment_error(e: OSError) -> str:
+    """An OS refusal (a full disk, a read-only or special path) as a problem and its fix."""
+    import errno
+
+    where = f" '{e.filename}'" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"no space left on the device writing{where} ({e.strerror}): free some space or choose another --out"
+    return f"cannot use{where}: {e.strerror or e}: check the path and its permissions, or choose another --out"
+
+
 def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    kinds = _click_exceptions()
+    no_args_help = tuple(k.NoArgsIsHelpError for k in kinds if hasattr(k, "NoArgsIsHelpError"))
+    usage = tuple(k.UsageError for k in kinds)
+    abort = tuple(k.Abort for k in [*kinds, typer.exceptions] if hasattr(k, "Abort"))
+    other = tuple(k.ClickException for k in kinds)
     try:
-        code = app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130 in this mode
-        if code == 130:
-            print("interrupted", file=sys.stderr)
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        code = app(standalone_mode=False)  # Typer turns Ctrl-C into the return value 130 here
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except no_args_help:
+        sys.exit(2)  # Typer has printed the help already
+    except usage as e:
+        _usage_error(e)
+        sys.exit(2)
+    except abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except other as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code if e.exit_code else 2)
+    except OSError as e:
+        print(f"error: {_environment_error(e)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

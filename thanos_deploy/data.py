@@ -29,9 +29,13 @@ HUB_SOURCES = ("c4", "wikitext2")
 def _file_text(path: Path, what: str) -> str:
     if not path.is_file():
         raise UserError(f"{what} file '{path}' does not exist")
+    raw = path.read_bytes()
+    decoded = raw.decode("utf-8", errors="replace")
+    if b"\x00" in raw or decoded.count("\ufffd") > 0.01 * max(len(decoded), 1):
+        raise UserError(f"{what} file '{path}' is binary, not UTF-8 text: give a .txt or .jsonl text file")
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(decoded.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -41,7 +45,7 @@ def _file_text(path: Path, what: str) -> str:
                 raise UserError(f"{what} file '{path}' line {number}: expected a JSON object with a \"text\" field") from None
         text = "\n\n".join(texts)
     elif path.suffix in (".txt", ".md", ""):
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = decoded
     else:
         raise UserError(f"{what} file '{path}' has an unsupported type: use a .txt or .jsonl file")
     if not text.strip():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import models
+from . import models, numerics
 from .errors import UserError
 from .methods import get_method
 from .patterns import check_shape, parse_pattern
@@ -122,13 +122,16 @@ def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options:
             on_linear(name)
         stats = collector[name]
         weight = linear.weight.data
+        numerics.check_statistics(stats, f"layers.{index}.{name}")
         t1 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            numerics.warn_rank_deficient(stats, weight.shape[1])
             try:
                 new = method.prune(weight, stats, pattern, **options)
             except UserError as e:
                 raise UserError(f"layers.{index}.{name}: {e}") from None
+        numerics.check_weight(new, f"layers.{index}.{name}")
         if new.is_cuda:
             torch.cuda.synchronize(new.device)
         seconds = time.perf_counter() - t1
@@ -148,6 +151,7 @@ def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options:
     del collector
     t2 = time.perf_counter()
     outputs = inputs.run(layer)
+    numerics.check_outputs(outputs, f"layers.{index}")
     report["seconds"] = {
         "statistics": round(t_stats, 4),
         "prune": round(t_prune, 4),
@@ -167,13 +171,16 @@ def compress_model(
     progress: bool = False,
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
+    store=None,
     **options,
 ) -> dict:
     """Prune `model` in place, decoder layer by decoder layer; return the report.
 
     `calib_ids` is a [n, seqlen] token tensor. Embeddings and the LM head are never pruned. One
     decoder layer at a time is moved to `device` (default: where the model is). `targets` and
-    `ignore` pick the linears by module name (targets.py); default: every decoder linear.
+    `ignore` pick the linears by module name (targets.py); default: every decoder linear. `store`
+    (a resume.RunFolder) checkpoints after every layer, restores a killed run and reads offloaded
+    layers.
     """
     m = get_method(method)
     pattern = parse_pattern(pattern)
@@ -187,17 +194,25 @@ def compress_model(
 
     t0 = time.perf_counter()
     inputs = capture_inputs(model, calib_ids, device=device, batch_tokens=batch_tokens)
-    reports = []
+    start, reports, inputs = store.restore(layers, inputs) if store else (0, [], inputs)
     bar = _progress(progress)
     with bar or nullcontext():
         task = bar.add_task(f"{m.name} {pattern}", total=len(layers)) if bar else None
+        if bar and start:
+            bar.advance(task, start)
         for i, layer in enumerate(layers):
+            if i < start:
+                continue
+            if store:
+                store.load(i, layer)
             home = next(layer.parameters()).device
             layer.to(device)
             on_linear = (lambda name, i=i: bar.update(task, description=f"{m.name} {pattern} · layer {i}.{name}")) if bar else None
             report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear, subs=chosen[i])
             layer.to(home)
             reports.append(report)
+            if store:
+                store.save(i, layer, report, inputs)
             if bar:
                 bar.advance(task)
     total = time.perf_counter() - t0

@@ -1,0 +1,181 @@
+"""Long jobs: a compress killed (SIGKILL) or interrupted (Ctrl-C) in the middle resumes to the very
+same bytes; two processes on one --out do not mix; --offload never holds the model in memory."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import random_ids, run_cli, tiny_model
+
+LAYERS = 6
+
+
+def save_tiny(folder: Path, *, layers: int = 2, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama folder (no tokenizer: runs use --calib-tokens)."""
+    tiny_model("llama", seed=seed, num_hidden_layers=layers, **overrides).save_pretrained(folder)
+    return folder
+
+
+def save_ids(path: Path, n: int = 8, seqlen: int = 32, vocab: int = 256) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": random_ids(n, seqlen, vocab)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A tiny 6-layer model (tied embeddings, as SmolLM2), its calibration tokens, and the uninterrupted run's output."""
+    root = tmp_path_factory.mktemp("resume")
+    model, ids = save_tiny(root / "model", layers=LAYERS, tie_word_embeddings=True), save_ids(root / "ids.safetensors")
+    args = ["compress", str(model), "--method", "thanos", "--pattern", "2:4", "--calib-tokens", str(ids)]
+    reference = root / "reference"
+    r = run_cli(*args, "--out", str(reference))
+    assert r.returncode == 0, r.stderr
+    return args, reference
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("thanos-deploy")
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_layers(out: Path, process: subprocess.Popen, done: int) -> None:
+    progress = out.parent / f".{out.name}.partial" / "progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run finished before it could be interrupted"
+        try:
+            if json.loads(progress.read_text())["done"] >= done:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError("no progress")
+
+
+def assert_same_files(out: Path, reference: Path) -> None:
+    names = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert any(n.endswith(".safetensors") for n in names)
+    for name in names:
+        if name != "thanos_deploy.json":  # the manifest records seconds, which differ
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    ours, theirs = (json.loads((d / "thanos_deploy.json").read_text()) for d in (out, reference))
+    assert ours["files"] == theirs["files"]  # the sha256 of every safetensors file
+    assert [[e["sparsity"] for e in layer["linears"]] for layer in ours["layers"]] == [[e["sparsity"] for e in layer["linears"]] for layer in theirs["layers"]]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
+
+
+def test_sigkill_in_the_middle_then_resume_gives_the_same_bytes(job, tmp_path):
+    args, reference = job
+    out = tmp_path / "out"
+    process = start([*args, "--out", str(out)])
+    wait_for_layers(out, process, 2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    progress = out.parent / f".{out.name}.partial" / "progress.json"
+    saved = progress.read_bytes()
+
+    again = run_cli(*args, "--out", str(out))  # without --resume: refused, saying what to do
+    assert again.returncode == 2 and "add --resume to continue it, or --overwrite" in again.stderr, again.stderr
+    changed = run_cli(*[a if a != "2:4" else "4:8" for a in args], "--out", str(out), "--resume")
+    assert changed.returncode == 2 and len(changed.stderr.strip().splitlines()) == 1, changed.stderr
+    assert "pattern (was 2:4, now 4:8)" in changed.stderr and "--overwrite" in changed.stderr
+    assert progress.read_bytes() == saved  # the refused resumes kept the progress
+
+    resumed = run_cli(*args, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_files(out, reference)
+
+
+def test_ctrl_c_prints_the_resume_command_which_gives_the_same_bytes(job, tmp_path):
+    args, reference = job
+    out = tmp_path / "out"
+    process = start([*args, "--out", str(out)])
+    wait_for_layers(out, process, 2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    command = next(line.strip() for line in stderr.splitlines() if line.strip().startswith("thanos-deploy compress"))
+    assert command.endswith("--resume")
+    resumed = run_cli(*shlex.split(command)[1:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_files(out, reference)
+
+
+def test_a_second_process_on_the_same_out_refuses_at_once(job, tmp_path):
+    args, _ = job
+    out = tmp_path / "out"
+    first = start([*args, "--out", str(out)])
+    wait_for_layers(out, first, 1)
+    first.send_signal(signal.SIGSTOP)  # paused (Ctrl-Z), it still holds the lock: the second run meets it for sure
+    try:
+        for extra in ([], ["--overwrite"]):
+            second = run_cli(*args, "--out", str(out), *extra)
+            assert second.returncode == 2 and f"another thanos-deploy process (pid {first.pid})" in second.stderr, second.stderr
+        assert json.loads((out.parent / f".{out.name}.partial" / "progress.json").read_text())["done"] >= 1  # untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.send_signal(signal.SIGCONT)
+        first.wait()
+
+
+PEAK = (
+    "import atexit, sys\n"
+    "from thanos_deploy.cli import main\n"
+    "def hwm():\n"
+    "    status = open('/proc/self/status').read().split('\\n')\n"
+    "    print('VmHWM', next(l.split()[1] for l in status if l.startswith('VmHWM:')), file=sys.stderr)\n"
+    "atexit.register(hwm)\n"
+    "sys.argv = ['thanos-deploy'] + sys.argv[1:]\n"
+    "main()\n"
+)
+
+
+def peak_rss_kib(*args: str) -> int:
+    """Run the CLI in a fresh process and return its peak resident memory (VmHWM)."""
+    r = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return int(next(line.split()[1] for line in r.stderr.splitlines() if line.startswith("VmHWM")))
+
+
+def test_offload_peak_memory_is_below_the_in_memory_run_by_the_model_size(tmp_path):
+    model = save_tiny(tmp_path / "model", layers=8, hidden_size=256, intermediate_size=1024)
+    ids = save_ids(tmp_path / "ids.safetensors", n=4, seqlen=64)
+    size_kib = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1024
+    args = ["compress", str(model), "--method", "wanda", "--pattern", "2:4", "--calib-tokens", str(ids)]
+    in_memory = peak_rss_kib(*args, "--out", str(tmp_path / "a"), "--no-offload")
+    offloaded = peak_rss_kib(*args, "--out", str(tmp_path / "b"), "--offload")
+    assert in_memory - offloaded > 0.7 * size_kib, (in_memory, offloaded, size_kib)
+    for path in (tmp_path / "a").iterdir():
+        if path.suffix == ".safetensors":
+            assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+
+
+def test_the_sharded_output_is_the_model_pruned_in_memory(job):
+    """The per-layer shards + index hold exactly what compress_model computes, tied head included."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from thanos_deploy import compress_model, load
+
+    args, reference = job
+    expected = AutoModelForCausalLM.from_pretrained(args[1])
+    compress_model(expected, load_file(args[args.index("--calib-tokens") + 1])["input_ids"], method="thanos", pattern="2:4")
+    loaded, _ = load(str(reference))
+    assert json.loads((reference / "model.safetensors.index.json").read_text())["weight_map"]
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ours, theirs = loaded.state_dict(), expected.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
