@@ -193,6 +193,12 @@ CASES = [
     Case("out-unwritable", ["compress", "{model}", "--calib-tokens", "{ids}", "--out", "/proc/thanos-deploy-out"], "/proc"),
     Case("export-out-under-a-file", ["export", "onnx", "{ckpt}", "--out", "{file}/onnx"], "is not a writable folder"),
     Case("disk-full", ["compress", "{model}", "--method", "wanda", "--calib-tokens", "{ids}", "--out", "{ws}/small/out"], "no space", setup=disk_full_setup),
+    Case("bench-missing-candidate", ["bench", "{model}", "{ws}/no-such-artifact", "--out", "{out}"], "does not exist"),
+    Case("bench-unknown-backend", ["bench", "{model}", "{ckpt}", "--backend", "tvm", "--out", "{out}"], "unknown backend"),
+    Case("bench-plan-unknown-method", ["bench", "{model}", "--plan", "{ws}/plan.txt", "--out", "{out}"], "unknown method",
+         setup=lambda ws, inputs: (ws / "plan.txt").write_text("2:4 obs\n")),
+    Case("bench-bad-batch-sizes", ["bench", "{model}", "{ckpt}", "--batch-sizes", "1,x", "--out", "{out}"], "comma-separated integers"),
+    Case("bench-plan-with-candidates", ["bench", "{model}", "{ckpt}", "--plan", "default", "--out", "{out}"], "--plan builds its own candidates"),
     Case("resume-damaged-progress", ["compress", "{model}", "--calib-tokens", "{ids}", "--out", "{out}", "--resume"], "--overwrite",
          setup=lambda ws, inputs: ((ws / ".out.partial").mkdir(), (ws / ".out.partial" / "progress.json").write_text("{broken"))),
 ]
