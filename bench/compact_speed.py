@@ -78,10 +78,11 @@ def decode_rate(backend, prompt: torch.Tensor) -> float:
     return STEPS / (time.perf_counter() - start)
 
 
-def build_models(work: Path, backends: list[str]) -> tuple[dict, dict, dict, object]:
+def build_models(work: Path, backends: list[str]) -> tuple[dict, dict, dict, object, object]:
     """Save dense and the two shrunk models (and their ONNX exports).
 
-    Returns their folders, the shrunk-vs-masked logit checks, linear multiply-adds and the config."""
+    Returns their folders, the shrunk-vs-masked logit checks, linear multiply-adds, the config and
+    the tokenizer."""
     dense, tokenizer = models.load(models.SMOLLM2_ALIAS)
     calib = data.calibration_tokens("austen", tokenizer, nsamples=16, seqlen=256)
     prompt = data.windows(data.evaluation_tokens("austen", tokenizer), 512, 2)
@@ -111,7 +112,7 @@ def build_models(work: Path, backends: list[str]) -> tuple[dict, dict, dict, obj
         if "ort" in backends:
             (work / f"onnx{i}").mkdir()
             export_onnx(net, work / f"onnx{i}")
-    return folders, check, {label: linear_macs(net) for label, net in nets.items()}, dense.config
+    return folders, check, {label: linear_macs(net) for label, net in nets.items()}, dense.config, tokenizer
 
 
 def main() -> None:
@@ -126,8 +127,7 @@ def main() -> None:
     backends = args.backends.split(",")
 
     work = Path(tempfile.mkdtemp(prefix="compact-speed-"))
-    folders, check, macs, config = build_models(work, backends)
-    _, tokenizer = models.load(models.SMOLLM2_ALIAS)
+    folders, check, macs, config, tokenizer = build_models(work, backends)
     windows = data.windows(data.evaluation_tokens("austen", tokenizer), 512, 4)
     shapes = {"prefill 1x512": windows[:1], "prefill 4x512": windows}
     runners = {}
