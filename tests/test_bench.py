@@ -91,7 +91,7 @@ def test_schedule_interleaves_candidates_in_every_repetition_and_cell():
 
 def test_pareto_front_keeps_points_nobody_beats_on_both_axes():
     points = [(1.0, 30.0), (1.3, 60.0), (1.2, 40.0), (1.1, 50.0), (1.3, 90.0)]  # (speed-up, perplexity)
-    assert pareto_front(points) == [0, 2, 1]  # (1.1, 50) is beaten by (1.2, 40); (1.3, 90) by (1.3, 60)
+    assert pareto_front(points, x_better="higher") == [0, 2, 1]  # (1.1, 50) is beaten by (1.2, 40); (1.3, 90) by (1.3, 60)
 
 
 def test_backend_perplexity_equals_the_model_perplexity(tiny_folder):

@@ -9,13 +9,10 @@ temporary working folder that is removed.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -24,22 +21,6 @@ from . import artifacts, bench_plan, benchmark, checkpoint, data, plots
 from .errors import UserError
 from .evaluate import backend_perplexity
 from .runtime import open_backend
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, capability=list(torch.cuda.get_device_capability(0)),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    versions = {}
-    for name in ("thanos-deploy", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "matplotlib"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {**info, "versions": versions}
 
 
 def _rows(arts: list[artifacts.Artifact], backends: list[str] | None) -> list[tuple[str, artifacts.Artifact, str]]:
@@ -150,7 +131,7 @@ def run(
                 facts[label]["memory"] = benchmark.peak_memory(backend, targets[label], artifacts.backend_options(backend, device, dtype), vocab, grid)
 
         result = {
-            "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+            "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": benchmark.machine(),
             "device": device, "grid": asdict(grid), "plan": plan, "seconds": round(time.perf_counter() - started, 1),
             "rows": [{"label": label, **facts[label], "speed": speeds[label]} for label, _, _ in rows],
             "raw": raw,

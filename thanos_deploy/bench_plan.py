@@ -1,8 +1,9 @@
 """`bench MODEL --plan`: the runs to build from one model on one calibration set, then benchmark.
 
-A plan is `default` or a text file, one run per line: `dense`, or a pattern and a method spec as
-`compare` takes it (options after colons); `#` starts a comment. Pruned runs are stored the way
-that turns their zeros into savings: N:M packed, structured shrunk, unstructured masked.
+A plan is `default` or a text file, one line per run or grid: `dense`, or a pattern and a method
+spec as `compare` takes it (options after colons, grids as `thanos:alpha=0|0.1`); `#` starts a
+comment. Pruned runs are stored the way that turns their zeros into savings: N:M packed,
+structured shrunk, unstructured masked.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from . import checkpoint, data, models
 from .compact import pack_model, shrink_model
-from .compare import Run
+from .compare import Run, expand_grid, plan_lines
 from .driver import compress_model
 from .errors import UserError
 from .methods import get_method
@@ -50,20 +51,19 @@ class PlanRun:
 def parse_plan(text: str, where: str = "plan") -> list[PlanRun]:
     """Runs in order, dense first (added when the plan lacks it); bad lines fail before any work."""
     runs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        words = line.split("#", 1)[0].split()
-        if not words:
-            continue
+    for number, line in plan_lines(text):
+        words = line.split()
         if words == ["dense"]:
             runs.append(PlanRun(Run("dense")))
             continue
         if len(words) != 2:
-            raise UserError(f"{where} line {number}: '{line.strip()}' is not 'dense' or 'PATTERN METHOD[:key=value]', e.g. '2:4 thanos:alpha=0'")
-        pattern, run = parse_pattern(words[0]), Run.parse(words[1])
-        if run.method == "dense":
+            raise UserError(f"{where} line {number}: '{line}' is not 'dense' or 'PATTERN METHOD[:key=value]', e.g. '2:4 thanos:alpha=0'")
+        pattern, grid = parse_pattern(words[0]), expand_grid(words[1])
+        if grid[0].method == "dense":
             raise UserError(f"{where} line {number}: dense takes no pattern; write it alone on its line")
-        get_method(run.method).options(pattern, run.options)
-        runs.append(PlanRun(run, str(pattern)))
+        for run in grid:
+            get_method(run.method).options(pattern, run.options)
+            runs.append(PlanRun(run, str(pattern)))
     if not any(r.pattern for r in runs):
         raise UserError(f"{where} has no pruned run: add lines such as '2:4 thanos:alpha=0'")
     labels = [r.label for r in runs]

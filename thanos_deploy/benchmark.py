@@ -12,15 +12,36 @@ the ratio of repetition i pairs dense's repetition i with the candidate's.
 from __future__ import annotations
 
 import math
+import os
+import platform
 import random
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+
+
+def machine() -> dict:
+    """Where a measurement ran: platform, CPU, threads, GPU, library versions (stored next to the numbers)."""
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, capability=list(torch.cuda.get_device_capability(0)),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    versions = {}
+    for name in ("thanos-deploy", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "matplotlib"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {**info, "versions": versions}
+
 
 # ------------------------------------------------------------------------------ statistics
 
@@ -241,10 +262,14 @@ def describe(result: dict) -> str:
             f"{g['decode_tokens']} decode steps each · `{result['command']}`")
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of one Markdown table ('|' in cells escaped)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)]
+
+
 def markdown(result: dict) -> str:
     lines = [describe(result), ""]
     for title, header, rows in tables(result):
-        lines += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-        lines.append("")
+        lines += [f"**{title}**", "", *markdown_table(header, rows), ""]
     return "\n".join(lines)

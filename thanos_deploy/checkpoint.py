@@ -72,6 +72,20 @@ def staged(out: str | Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def replacing(path: str | Path):
+    """Yield a temporary file next to `path` (same suffix: writers that go by it still work); on
+    success it replaces `path` in one rename, so a reader or a kill never meets half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import shlex
 import sys
 import time
 from importlib import metadata
@@ -506,11 +507,17 @@ def _print_report(report: dict, evaluation: dict, out: Path) -> None:
     console.print(f"saved to {out}")
 
 
+METHODS_HELP = ("Runs, comma-separated: dense, or a method with options after ':' (thanos:alpha=0.1; several options "
+                "separated by ':' or ','). '|' makes a grid of every combination: thanos:block_size=32|128|512,alpha=0|0.05|0.1 "
+                "is 9 runs (a comma followed by key=value continues the run before it). @FILE reads the specs from a file, "
+                "one or more a line, '#' comments")
+
+
 @app.command("compare")
 def compare_cmd(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or smollm2-135m"),
     pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P or structured:P"),
-    methods: str = typer.Option("dense,wanda,sparsegpt,thanos", help="Comma-separated runs; options as thanos:alpha=0.1"),
+    methods: str = typer.Option("dense,wanda,sparsegpt,thanos", help=METHODS_HELP),
     calib: str = typer.Option("austen", help="austen, c4, wikitext2, or a .txt/.jsonl file"),
     nsamples: int = typer.Option(64, help="Calibration windows"),
     seqlen: int = typer.Option(512, help="Tokens per calibration window"),
@@ -522,43 +529,49 @@ def compare_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON"),
     targets: Optional[list[str]] = typer.Option(None, "--targets", help=TARGETS_HELP),
     ignore: Optional[list[str]] = typer.Option(None, "--ignore", help=IGNORE_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write compare.json, compare.md and compare.png (perplexity against pruning seconds, Pareto front) to this folder"),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
 ):
-    """Prune MODEL with several methods on the same data and print their perplexity side by side."""
-    from .compare import Run, compare
+    """Prune MODEL with several methods (or a grid of options) on the same data and print their perplexity side by side."""
+    from .compare import compare, document, parse_methods, write
 
-    runs = [Run.parse(spec) for spec in methods.split(",") if spec.strip()]
-    if not runs:
-        raise UserError(f"--methods '{methods}' names no run: list some, e.g. dense,wanda,thanos")
+    runs = parse_methods(methods)
     _at_least(1, seqlen=seqlen, eval_seqlen=eval_seqlen)
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
+    if out is not None:
+        checkpoint.check_output(out, overwrite)
+    dev = _device(device)
+    protocol = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, eval_data=eval_data, eval_seqlen=eval_seqlen, eval_windows=eval_windows)
+    started = time.perf_counter()
     results = compare(
-        model, runs, parse_pattern(pattern), calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-        eval_data=eval_data, eval_seqlen=eval_seqlen, eval_windows=eval_windows, device=_device(device), progress=not as_json,
-        targets=targets, ignore=ignore,
+        model, runs, parse_pattern(pattern), device=dev, progress=not as_json, targets=targets, ignore=ignore,
+        on_run=None if as_json else lambda i, n, run: console.print(f"run {i} of {n}: {run.label}", style="dim", highlight=False),
+        **protocol,
     )
+    if out is not None:
+        write(document(results, {"model": model, "pattern": str(parse_pattern(pattern)), **protocol, "device": dev.type,
+                                 "targets": targets, "ignore": ignore},
+                       command="thanos-deploy " + shlex.join(sys.argv[1:]), seconds=time.perf_counter() - started), out, overwrite)
     if as_json:
         print(json.dumps(results))
         return
     console.print(results_table(results, f"{model} · {pattern} · calibration {nsamples}×{seqlen} {calib}"))
+    if out is not None:
+        console.print(f"wrote compare.json, compare.md and compare.png to {out}")
 
 
 def results_table(results: list[dict], title: str) -> Table:
     """The comparison table: perplexity, ratio to dense, achieved sparsity, seconds."""
-    dense = next((r["perplexity"] for r in results if r["method"] == "dense"), None)
-    table = Table(title=title)
-    for col in ("method", "perplexity", "× dense", "sparsity", "pruning math s", "total s"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in results:
-        table.add_row(
-            r["label"],
-            f"{r['perplexity']:.3f}",
-            f"{r['perplexity'] / dense:.2f}" if dense else "",
-            f"{r['sparsity']:.3f}",
-            f"{r['prune_seconds']:.1f}" if r["prune_seconds"] is not None else "",
-            f"{r['seconds']:.1f}" if r["seconds"] is not None else "",
-        )
-    return table
+    from .compare import table
+
+    header, cells = table(results)
+    rich_table = Table(title=title)
+    for col in header:
+        rich_table.add_column(col, justify="left" if col == "method" else "right")
+    for row in cells:
+        rich_table.add_row(*row)
+    return rich_table
 
 
 @app.command("eval")

@@ -1,16 +1,34 @@
-"""Side-by-side comparison: several methods on one model, one calibration set, one evaluation set."""
+"""Side-by-side comparison: several methods on one model, one calibration set, one evaluation set.
+
+What `--methods` takes (also a plan file, `@FILE`, one or more specs a line, `#` comments):
+
+    runs    spec , spec , ...
+    spec    dense  |  METHOD  |  METHOD:option[:option ...]  (or ',' between the options)
+    option  key=value  |  key=value|value|...   (a grid: every combination runs)
+
+A comma starts a new run unless what follows it is `key=value` (no method before the `=`): then it
+is one more option of the run before. So the plain lists of earlier versions
+(`dense,wanda,thanos:alpha=0.1`) read as before, and `thanos:block_size=32|128,alpha=0|0.1` is one
+grid of four runs.
+"""
 
 from __future__ import annotations
 
 import copy
+import itertools
+import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 
-from . import data, models
+from . import benchmark, checkpoint, data, models
 from .driver import compress_model
 from .errors import UserError
 from .evaluate import perplexity
-from .methods import get_method
+from .methods import METHODS, get_method
 from .patterns import parse_pattern
 from .targets import select
 
@@ -26,21 +44,103 @@ class Run:
     def label(self) -> str:
         return self.method + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in self.options.items())
 
-    @classmethod
-    def parse(cls, spec: str) -> "Run":
-        name, *pairs = spec.strip().split(":")
-        if name != "dense":
-            get_method(name)
-        options = {}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise UserError(f"bad method spec '{spec}': options are key=value, e.g. thanos:alpha=0.1")
+
+def _number(value: str) -> int | float:
+    """An option value: an int when written as one (block sizes, row batches), else a finite float."""
+    number = int(value) if value.isdigit() else float(value)  # ValueError for anything else
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
+
+
+def expand_grid(spec: str) -> list[Run]:
+    """The runs one method spec stands for: the cartesian product of its `|`-separated values, in
+    the order written, the last option varying fastest. Bad specs fail here, before any work."""
+    spec = spec.strip()
+
+    def bad(problem: str, fix: str) -> UserError:
+        return UserError(f"bad method spec '{spec}': {problem}; {fix}")
+
+    name, *pairs = (part.strip() for part in re.split(r"[:,]", spec))
+    name = name.lower()
+    if name != "dense" and name not in METHODS:
+        raise bad(f"unknown method '{name}'", f"choose dense, {', '.join(METHODS)}")
+    if name == "dense" and pairs:
+        raise bad("dense takes no options", "write dense alone")
+    grid: dict[str, list] = {}
+    for pair in pairs:
+        key, sep, values = (part.strip() for part in pair.partition("="))
+        key = key.replace("-", "_")
+        if not sep or not key:
+            raise bad(f"'{pair}' is not key=value" if pair else "an option is empty", "write options as key=value, e.g. thanos:alpha=0.1")
+        if key in grid:
+            raise bad(f"{key} is given twice", f"list its values once, e.g. {key}=1|2")
+        if not values:
+            raise bad(f"{key} has no value", f"write {key}=VALUE, or {key}=A|B for a grid")
+        alternatives = [a.strip() for a in values.split("|")]
+        if "" in alternatives:
+            raise bad(f"{key}={values} has an empty value", f"separate a grid's values with single '|', e.g. {key}=1|2")
+        grid[key] = []
+        for value in alternatives:
             try:
-                options[key.replace("-", "_")] = int(value) if value.isdigit() else float(value)
+                grid[key].append(_number(value))
             except ValueError:
-                raise UserError(f"bad method spec '{spec}': '{value}' is not a number") from None
-        return cls(name, options)
+                raise bad(f"{key}: '{value}' is not a number", f"option values are numbers, e.g. {key}=0.1") from None
+    if name != "dense":
+        try:
+            get_method(name).check_names(grid)
+        except UserError as e:
+            raise UserError(f"bad method spec '{spec}': {e}") from None
+    return [Run(name, dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+
+
+def split_specs(text: str) -> list[str]:
+    """The method specs of a comma-separated list; a piece that is `key=value` continues the spec before it."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        key, eq, _ = piece.partition("=")
+        if not piece:
+            continue
+        if eq and ":" not in key:
+            if not specs:
+                raise UserError(f"--methods '{text}' starts with the option '{piece}': put options after their method, e.g. thanos:{piece}")
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
+
+
+def plan_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, text) of a plan file's lines that hold something once `#` comments are removed."""
+    lines = [(number, line.split("#", 1)[0].strip()) for number, line in enumerate(text.splitlines(), 1)]
+    return [(number, line) for number, line in lines if line]
+
+
+def parse_methods(text: str) -> list[Run]:
+    """Every run `--methods` asks for, grids expanded, in order; `@FILE` reads the specs from a file."""
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        if not path.is_file():
+            raise UserError(f"methods file '{path}' does not exist: pass --methods @FILE with one method spec a line, or the specs themselves")
+        try:
+            lines = plan_lines(path.read_text())
+        except UnicodeDecodeError:
+            raise UserError(f"methods file '{path}' is not UTF-8 text: write one method spec a line, e.g. thanos:alpha=0|0.1") from None
+        runs = []
+        for number, line in lines:
+            try:
+                runs += [run for spec in split_specs(line) for run in expand_grid(spec)]
+            except UserError as e:
+                raise UserError(f"'{path}' line {number}: {e}") from None
+    else:
+        runs = [run for spec in split_specs(text) for run in expand_grid(spec)]
+    if not runs:
+        raise UserError(f"--methods '{text}' names no run: list some, e.g. dense,wanda,thanos")
+    labels = [run.label for run in runs]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise UserError(f"--methods lists {', '.join(twice)} more than once: list each run once")
+    return runs
 
 
 def compare(
@@ -59,36 +159,92 @@ def compare(
     progress: bool = False,
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
+    on_run=None,
+    on_result=None,
 ) -> list[dict]:
-    """Prune a fresh copy of `model` with every run and evaluate each; returns one dict per run."""
+    """Prune a fresh copy of `model` with every run and evaluate each; returns one dict per run.
+
+    `on_run(i, n, run)` is called before run i of n (from 1), `on_result(row)` after it: a long
+    sweep can show where it is and save what it has."""
     pattern = parse_pattern(pattern)
-    for run in runs:  # reject bad options before any work
+    for run in runs:  # reject bad options before any work, naming the run in a long sweep
         if run.method != "dense":
-            get_method(run.method).options(pattern, run.options)
+            try:
+                get_method(run.method).options(pattern, run.options)
+            except UserError as e:
+                raise UserError(f"run '{run.label}' at {pattern}: {e}") from None
     base, tokenizer = models.load(model)
     select(base, targets, ignore)  # a pattern that matches nothing fails before any work
     limit = getattr(base.config, "max_position_embeddings", None) or seqlen
     ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=min(seqlen, limit), seed=seed)
     windows = data.windows(data.evaluation_tokens(eval_data, tokenizer), min(eval_seqlen, limit), eval_windows)
     results = []
-    for run in runs:
+    for i, run in enumerate(runs, 1):
+        if on_run:
+            on_run(i, len(runs), run)
         if run.method == "dense":
-            results.append({"label": "dense", "method": "dense", "sparsity": 0.0, "seconds": None, "prune_seconds": None,
-                            **perplexity(base, windows, device=device)})
-            continue
-        net = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        report = compress_model(net, ids, method=run.method, pattern=pattern, device=device, progress=progress,
-                                targets=targets, ignore=ignore, **run.options)
-        seconds = time.perf_counter() - t0
-        results.append({
-            "label": run.label,
-            "method": run.method,
-            "options": report["options"],
-            "sparsity": report["sparsity"],
-            "seconds": round(seconds, 2),
-            "prune_seconds": report["seconds"]["prune"],
-            **perplexity(net, windows, device=device),
-        })
-        del net
+            row = {"label": "dense", "method": "dense", "pattern": None, "options": {}, "sparsity": 0.0, "seconds": None,
+                   "prune_seconds": None, **perplexity(base, windows, device=device)}
+        else:
+            net = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            report = compress_model(net, ids, method=run.method, pattern=pattern, device=device, progress=progress,
+                                    targets=targets, ignore=ignore, **run.options)
+            seconds = time.perf_counter() - t0
+            row = {
+                "label": run.label,
+                "method": run.method,
+                "pattern": str(pattern),
+                "options": report["options"],
+                "sparsity": report["sparsity"],
+                "seconds": round(seconds, 2),
+                "prune_seconds": report["seconds"]["prune"],
+                **perplexity(net, windows, device=device),
+            }
+            del net
+        results.append(row)
+        if on_result:
+            on_result(row)
     return results
+
+
+def document(rows: list[dict], protocol: dict, *, command: str, seconds: float) -> dict:
+    """What a sweep writes as JSON: its rows, the protocol that produced them, the machine and command."""
+    return {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": benchmark.machine(),
+            "protocol": protocol, "seconds": round(seconds, 1), "rows": rows}
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of the comparison table, rendered by Rich on the terminal and as Markdown."""
+    dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
+    header = ["method", "perplexity", "× dense", "sparsity", "pruning math s", "total s"]
+    cells = [[
+        r["label"],
+        f"{r['perplexity']:.3f}",
+        f"{r['perplexity'] / dense:.2f}" if dense else "",
+        f"{r['sparsity']:.3f}",
+        f"{r['prune_seconds']:.1f}" if r["prune_seconds"] is not None else "",
+        f"{r['seconds']:.1f}" if r["seconds"] is not None else "",
+    ] for r in rows]
+    return header, cells
+
+
+def describe(result: dict) -> str:
+    """One line: model, pattern(s), protocol, machine, date and command."""
+    p, m = result["protocol"], result["machine"]
+    where = m.get("gpu") or f"{m['processor']}, {m['torch_threads']} threads"
+    patterns = p.get("pattern") or ", ".join(p.get("patterns", []))
+    return (f"{p['model']} · {patterns} · calibration {p['nsamples']}×{p['seqlen']} {p['calib']} (seed {p['seed']}) · "
+            f"evaluation {p['eval_windows']}×{p['eval_seqlen']} {p['eval_data']} · {p['device']}, {where} · "
+            f"torch {m['versions'].get('torch')} · {result['date']} · `{result['command']}`")
+
+
+def write(result: dict, out: Path, overwrite: bool = False) -> None:
+    """compare.json, compare.md and compare.png in `out`, built in a temporary folder renamed at the end."""
+    from . import plots
+
+    header, cells = table(result["rows"])
+    with checkpoint.staged(out, overwrite) as tmp:
+        (tmp / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "compare.md").write_text("\n".join([describe(result), "", *benchmark.markdown_table(header, cells)]) + "\n")
+        plots.tradeoffs(result["rows"], tmp / "compare.png", f"{result['protocol']['model']} · {result['protocol']['pattern']}")

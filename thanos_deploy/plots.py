@@ -1,7 +1,8 @@
-"""The two `bench` plots, drawn with matplotlib's Agg backend (files only, no display needed)."""
+"""The plots of `bench` and `compare`, drawn with matplotlib's Agg backend (files only, no display needed)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -39,11 +40,12 @@ def latency_vs_batch(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both axes (higher speed-up, lower perplexity),
-    in order of speed-up."""
-    front = [i for i, (s, p) in enumerate(points)
-             if not any((s2 >= s and p2 <= p) and (s2 > s or p2 < p) for s2, p2 in points)]
+def pareto_front(points: list[tuple[float, float]], *, x_better: str) -> list[int]:
+    """Indices of the points (x, perplexity) no other point beats on both axes, in order of x: lower
+    perplexity and, as `x_better` says, higher x (a speed-up, a zero fraction) or lower x (seconds)."""
+    sign = {"higher": 1, "lower": -1}[x_better]
+    front = [i for i, (x, p) in enumerate(points)
+             if not any((sign * x2 >= sign * x and p2 <= p) and (sign * x2 > sign * x or p2 < p) for x2, p2 in points)]
     return sorted(front, key=lambda i: points[i][0])
 
 
@@ -59,7 +61,7 @@ def pareto(result: dict, path: Path) -> None:
             su = r["speed"][key]["prefill_speedup"]
             ax.errorbar([s], [p], xerr=[[s - su["low"]], [su["high"] - s]], fmt="o", capsize=3)
             ax.annotate(r["label"], (s, p), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        front = pareto_front(points)
+        front = pareto_front(points, x_better="higher")
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="Pareto front")
         ax.set(xlabel=f"prefill speed-up over dense at {key.replace('x', '×')} ({rows[0]['backend']})")
         ax.legend(fontsize=8)
@@ -68,3 +70,50 @@ def pareto(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def tradeoffs(rows: list[dict], path: Path, title: str) -> None:
+    """Perplexity against pruning seconds (and, when α varies, against the achieved zero fraction):
+    one point per run, the Pareto front ringed and dashed, dense as a dotted line. A method with one run (the
+    SparseGPT and Wanda references) is a labelled square; a swept method's points carry the options
+    that vary between its runs."""
+    pruned = [r for r in rows if r["method"] != "dense"]
+    dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
+    panels = [("prune_seconds", "pruning math seconds (lower is better)", "lower")]
+    if len({r["options"]["alpha"] for r in pruned if "alpha" in r["options"]}) > 1:
+        panels.append(("sparsity", "achieved zero fraction of the pruned linears (higher is better)", "higher"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    runs_of = Counter(r["method"] for r in pruned)
+    for ax, (key, xlabel, better) in zip(axes[0], panels):
+        points = [(r[key], r["perplexity"]) for r in pruned]
+        for method, count in runs_of.items():
+            mine = [p for r, p in zip(pruned, points) if r["method"] == method]
+            ax.scatter([x for x, _ in mine], [p for _, p in mine], marker="o" if count > 1 else "s", s=28, zorder=3, label=method)
+        for r, point in zip(pruned, points):
+            ax.annotate(_varying_options(r, pruned) if runs_of[r["method"]] > 1 else r["label"], point, textcoords="offset points",
+                        xytext=(4, 3), fontsize=6 if runs_of[r["method"]] > 1 else 8)
+        front = pareto_front(points, x_better=better)
+        front_x, front_y = [points[i][0] for i in front], [points[i][1] for i in front]
+        ax.plot(front_x, front_y, "k--", lw=1, zorder=2)
+        ax.scatter(front_x, front_y, s=110, facecolors="none", edgecolors="k", zorder=4, label="Pareto front")
+        if dense is not None:
+            ax.axhline(dense, color="grey", ls=":", lw=1, label=f"dense ({dense:.2f})")
+        xs, ys = [x for x, _ in points], [p for _, p in points] + ([dense] if dense else [])
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        if ys and max(ys) / min(ys) > 5:
+            ax.set_yscale("log")
+        ax.set(xlabel=xlabel, ylabel="perplexity (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _varying_options(row: dict, rows: list[dict]) -> str:
+    """The options of `row` that differ between the runs of its method: what tells its points apart."""
+    others = [r["options"] for r in rows if r["method"] == row["method"]]
+    varying = [k for k, v in row["options"].items() if any(o.get(k) != v for o in others)]
+    return " ".join(f"{k}={row['options'][k]:g}" for k in varying)

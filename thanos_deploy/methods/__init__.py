@@ -29,15 +29,19 @@ class Method:
         params = list(inspect.signature(self.prune).parameters.values())[3:]
         return {p.name: p.default for p in params}
 
+    def check_names(self, names) -> None:
+        """Unknown option names are a UserError naming the ones the method takes (no pattern needed)."""
+        unknown = sorted(k for k in names if k not in self.defaults)
+        if unknown:
+            takes = ", ".join(self.defaults) or "no options"
+            raise UserError(f"method '{self.name}' does not take option(s) {', '.join(unknown)}; it takes {takes}")
+
     def options(self, pattern, given: dict) -> dict:
         """The full option set for `pattern`: defaults overridden by `given` (None = not given).
 
         Unknown names and bad values are a UserError, raised before any work is done.
         """
-        unknown = sorted(k for k, v in given.items() if k not in self.defaults and v is not None)
-        if unknown:
-            takes = ", ".join(self.defaults) or "no options"
-            raise UserError(f"method '{self.name}' does not take option(s) {', '.join(unknown)}; it takes {takes}")
+        self.check_names(k for k, v in given.items() if v is not None)
         options = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
         return self.configure(pattern, options) if self.configure else options
 
