@@ -5,7 +5,12 @@
 Shapes are SmolLM2-135M's linears and LLaMA-2-7B's (4096x4096, 11008x4096, 4096x11008), with a
 synthetic positive-definite Hessian (low rank plus diagonal, like real activations). Each method
 runs on the same inputs in one process; the table gives seconds and the ratio Thanos/SparseGPT.
-Writes bench/results/prune_speed-<device>.json.
+
+It also times Thanos's solve stage alone (the per-row systems of `_principal_solve`: gathers,
+factorisations, triangular solves) and prints its GFLOP/s, counting per solved system of size s
+(padding excluded) s³/3 flops for the Cholesky factorisation and 2s² for the two triangular solves,
+next to this machine's fp32 GEMM rate measured in the same run (one 2048² matmul, and a batch of
+256 products of 256² matrices: the shape of the systems). Writes bench/results/prune_speed-<device>.json.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from thanos_deploy.methods import get_method
+from thanos_deploy.methods import get_method, thanos
 from thanos_deploy.patterns import parse_pattern
 from thanos_deploy.stats import Stats
 
@@ -35,6 +40,41 @@ def synthetic(rows: int, cols: int, device, seed: int = 0):
     W = torch.randn(rows, cols, generator=g) * 0.02
     H = H.to(device)
     return W.to(device), Stats(sq_norms=H.diagonal().clone(), hessian=H, tokens=cols)
+
+
+class SolveStage:
+    """Wraps thanos._principal_solve to add up its seconds and the flops of the systems it solves."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.flops = device, 0.0, 0.0
+        self.inner = thanos._principal_solve
+        thanos._principal_solve = self
+
+    def __call__(self, M, rhs, mask, row_batch):
+        sizes = mask.sum(1).double()
+        self.flops += float((sizes.pow(3) / 3 + 2 * sizes.square()).sum())
+        out = None
+
+        def run():
+            nonlocal out
+            out = self.inner(M, rhs, mask, row_batch)
+
+        self.seconds += timed(run, self.device)
+        return out
+
+    def reset(self) -> None:
+        self.seconds, self.flops = 0.0, 0.0
+
+
+def gemm_gflops(device) -> dict:
+    """fp32 GEMM rates on this machine now: one 2048² product and 256 batched 256² products."""
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(256, 256, 256, device=device)
+    timed(lambda: a @ a, device), timed(lambda: torch.bmm(b, b), device)
+    return {
+        "matmul_2048": 2 * 2048**3 / min(timed(lambda: a @ a, device) for _ in range(3)) / 1e9,
+        "bmm_256x256^2": 2 * 256**4 / min(timed(lambda: torch.bmm(b, b), device) for _ in range(3)) / 1e9,
+    }
 
 
 def timed(fn, device) -> float:
@@ -58,8 +98,11 @@ def main() -> None:
     device = torch.device(args.device)
     shapes = [s for k, v in SHAPES.items() if args.shapes in (k, "all") for s in v]
     rows_out = []
+    solve = SolveStage(device)
+    gemm = gemm_gflops(device)
     print(f"device {device}, {torch.get_num_threads()} CPU threads; seconds of pruning math per linear")
-    print(f"{'shape':>12} {'pattern':>17} " + " ".join(f"{m:>10}" for m in METHODS) + f" {'thanos/sgpt':>12}")
+    print(f"fp32 GEMM now: 2048² matmul {gemm['matmul_2048']:.0f} GFLOP/s, 256 x 256² bmm {gemm['bmm_256x256^2']:.0f} GFLOP/s")
+    print(f"{'shape':>12} {'pattern':>17} " + " ".join(f"{m:>10}" for m in METHODS) + f" {'thanos/sgpt':>12} {'solve s':>8} {'solve GFLOP/s':>14}")
     for rows, cols in shapes:
         W, stats = synthetic(rows, cols, device)
         for spec in args.patterns.split(","):
@@ -69,12 +112,19 @@ def main() -> None:
                 m = get_method(name)
                 opts = m.options(pattern, {})
                 timed(lambda: m.prune(W[:64], stats, pattern, **opts), device)  # warm-up
-                seconds[name] = min(timed(lambda: m.prune(W, stats, pattern, **opts), device) for _ in range(args.repeats))
+                runs = []
+                for _ in range(args.repeats):
+                    solve.reset()
+                    runs.append((timed(lambda: m.prune(W, stats, pattern, **opts), device), solve.seconds, solve.flops))
+                seconds[name], solve_seconds, solve_flops = min(runs)
             ratio = seconds["thanos"] / seconds["sparsegpt"]
-            rows_out.append({"shape": [rows, cols], "pattern": spec, "seconds": seconds, "thanos_over_sparsegpt": ratio})
-            print(f"{rows:>5}x{cols:<6} {spec:>17} " + " ".join(f"{seconds[m]:>10.3f}" for m in METHODS) + f" {ratio:>12.2f}", flush=True)
+            gflops = solve_flops / solve_seconds / 1e9 if solve_seconds else float("nan")
+            rows_out.append({"shape": [rows, cols], "pattern": spec, "seconds": seconds, "thanos_over_sparsegpt": ratio,
+                             "solve_seconds": solve_seconds, "solve_gflop": solve_flops / 1e9, "solve_gflops_per_s": gflops})
+            print(f"{rows:>5}x{cols:<6} {spec:>17} " + " ".join(f"{seconds[m]:>10.3f}" for m in METHODS)
+                  + f" {ratio:>12.2f} {solve_seconds:>8.3f} {gflops:>14.1f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"prune_speed-{device.type}.json").write_text(json.dumps({"device": str(device), "results": rows_out}, indent=2) + "\n")
+    (args.out / f"prune_speed-{device.type}.json").write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "gemm_gflops_per_s": gemm, "results": rows_out}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
