@@ -134,6 +134,14 @@ def disk_full_setup(ws: Path, inputs: dict) -> None:
     (ws / ".mounted" if mounted else ws / ".fsize").write_text("")
 
 
+def disk_full_for_activations_setup(ws: Path, inputs: dict) -> None:
+    """The small disk of `disk_full_setup`, and calibration tokens whose activations (512 KiB per layer boundary) fill it first."""
+    from safetensors.torch import save_file
+
+    disk_full_setup(ws, inputs)
+    save_file({"input_ids": random_ids(64, 32, 256)}, ws / "many-ids.safetensors")
+
+
 CASES = [
     # usage errors (Typer's vendored click)
     Case("typo-in-command", ["bnech"], "No such command 'bnech'", usage=True),
@@ -204,6 +212,8 @@ CASES = [
     Case("out-unwritable", ["compress", "{model}", "--calib-tokens", "{ids}", "--out", "/proc/thanos-deploy-out"], "/proc"),
     Case("export-out-under-a-file", ["export", "onnx", "{ckpt}", "--out", "{file}/onnx"], "is not a writable folder"),
     Case("disk-full", ["compress", "{model}", "--method", "wanda", "--calib-tokens", "{ids}", "--out", "{ws}/small/out"], "no space", setup=disk_full_setup),
+    Case("disk-full-of-activations", ["compress", "{model}", "--method", "wanda", "--calib-tokens", "{ws}/many-ids.safetensors", "--activations-on-disk",
+                                      "--out", "{ws}/small/out"], "no space", setup=disk_full_for_activations_setup),
     Case("bench-missing-candidate", ["bench", "{model}", "{ws}/no-such-artifact", "--out", "{out}"], "does not exist"),
     Case("bench-unknown-backend", ["bench", "{model}", "{ckpt}", "--backend", "tvm", "--out", "{out}"], "unknown backend"),
     Case("bench-plan-unknown-method", ["bench", "{model}", "--plan", "{ws}/plan.txt", "--out", "{out}"], "unknown method",

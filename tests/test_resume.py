@@ -1,5 +1,6 @@
 """Long jobs: a compress killed (SIGKILL) or interrupted (Ctrl-C) in the middle resumes to the very
-same bytes; two processes on one --out do not mix; --offload never holds the model in memory."""
+same bytes; two processes on one --out do not mix; --offload never holds the model in memory, and
+--activations-on-disk never holds the calibration activations of every batch."""
 
 import json
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from thanos_deploy import activations, offload
 
 from .conftest import random_ids, run_cli, tiny_model
 
@@ -150,17 +153,22 @@ def peak_rss_kib(*args: str) -> int:
     return int(next(line.split()[1] for line in r.stderr.splitlines() if line.startswith("VmHWM")))
 
 
+def peaks_of_runs_differing_in(tmp_path: Path, model: Path, ids: Path, *flags: str) -> list[int]:
+    """Peak resident memory of Wanda 2:4 runs that differ in one flag each; their outputs must be byte-identical."""
+    args = ["compress", str(model), "--method", "wanda", "--pattern", "2:4", "--calib-tokens", str(ids)]
+    outs = [tmp_path / flag.lstrip("-") for flag in flags]
+    peaks = [peak_rss_kib(*args, "--out", str(out), flag) for out, flag in zip(outs, flags)]
+    for path in outs[0].glob("*.safetensors"):
+        assert all(path.read_bytes() == (out / path.name).read_bytes() for out in outs[1:]), path.name
+    return peaks
+
+
 def test_offload_peak_memory_is_below_the_in_memory_run_by_the_model_size(tmp_path):
     model = save_tiny(tmp_path / "model", layers=8, hidden_size=256, intermediate_size=1024)
     ids = save_ids(tmp_path / "ids.safetensors", n=4, seqlen=64)
     size_kib = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1024
-    args = ["compress", str(model), "--method", "wanda", "--pattern", "2:4", "--calib-tokens", str(ids)]
-    in_memory = peak_rss_kib(*args, "--out", str(tmp_path / "a"), "--no-offload")
-    offloaded = peak_rss_kib(*args, "--out", str(tmp_path / "b"), "--offload")
+    in_memory, offloaded = peaks_of_runs_differing_in(tmp_path, model, ids, "--no-offload", "--offload")
     assert in_memory - offloaded > 0.7 * size_kib, (in_memory, offloaded, size_kib)
-    for path in (tmp_path / "a").iterdir():
-        if path.suffix == ".safetensors":
-            assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
 
 
 def test_the_sharded_output_is_the_model_pruned_in_memory(job):
@@ -179,3 +187,48 @@ def test_the_sharded_output_is_the_model_pruned_in_memory(job):
     ours, theirs = loaded.state_dict(), expected.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_activations_on_disk_give_the_same_bytes_with_offload_and_after_kills(job, tmp_path):
+    """Four calibration batches read back one at a time from the progress folder, layers offloaded,
+    killed, resumed in memory, killed again and resumed on disk: the bytes of the in-memory run, the
+    activation file of the next layer kept at each kill, and no file left behind."""
+    args = [*job[0], "--batch-tokens", "64"]  # 8 windows of 32 tokens: 4 batches
+    reference = tmp_path / "reference"
+    r = run_cli(*args, "--out", str(reference), "--activations-in-memory")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    partial = out.parent / f".{out.name}.partial"
+    on_disk = [*args, "--out", str(out), "--activations-on-disk", "--offload"]
+    done = 1
+    for command in (on_disk, [*args, "--out", str(out), "--activations-in-memory", "--resume"]):
+        process = start(command)
+        wait_for_layers(out, process, done + 1)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        done = json.loads((partial / "progress.json").read_text())["done"]
+        assert len(activations.OnDisk(partial / f"inputs-{done:05d}.safetensors", "cpu")) == 4  # kept for --resume
+
+    resumed = run_cli(*on_disk, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_files(out, reference)
+
+
+def test_activations_on_disk_peak_memory_is_below_the_in_memory_run_by_their_size(tmp_path):
+    model = save_tiny(tmp_path / "model")  # hidden 64: the activations of 1024 windows outweigh the model
+    ids = save_ids(tmp_path / "ids.safetensors", n=1024, seqlen=64)
+    size_kib = 2 * 1024 * 64 * 64 * 4 / 1024  # into and out of a layer, float32: 32 MiB
+    in_memory, on_disk = peaks_of_runs_differing_in(tmp_path, model, ids, "--activations-in-memory", "--activations-on-disk")
+    assert in_memory - on_disk > 0.75 * size_kib, (in_memory, on_disk, size_kib)
+
+
+def test_activations_go_to_disk_by_default_only_when_they_would_not_fit_in_memory(monkeypatch):
+    model, ids = tiny_model("llama"), random_ids(8, 32)
+    need = activations.nbytes(model, ids)
+    assert need == 2 * 8 * 32 * 64 * 4
+    monkeypatch.setattr(offload, "_available_memory", lambda: need)
+    assert activations.wants_on_disk(None, model, ids)
+    assert not activations.wants_on_disk(False, model, ids)
+    monkeypatch.setattr(offload, "_available_memory", lambda: 100 * need)
+    assert not activations.wants_on_disk(None, model, ids)
+    assert activations.wants_on_disk(True, model, ids)

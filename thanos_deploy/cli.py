@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import checkpoint, data, models
+from . import activations, checkpoint, data, models
 from . import resume as resume_run
 from .driver import compress_model
 from .errors import UserError
@@ -129,6 +129,8 @@ def compress(
     ignore: Optional[list[str]] = typer.Option(None, "--ignore", help=IGNORE_HELP),
     resume: bool = typer.Option(False, help="Continue an unfinished run of the same command from its last finished layer"),
     offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Read one decoder layer at a time from disk (default: when the model would not fit in memory)"),
+    activations_on_disk: Optional[bool] = typer.Option(None, "--activations-on-disk/--activations-in-memory",
+                                                       help="Keep the calibration activations between layers on disk, read one batch at a time (default: when they would not fit in memory)"),
 ):
     """Prune MODEL layer by layer and save it as a Hugging Face folder with thanos_deploy.json."""
     m = get_method(method)
@@ -181,6 +183,7 @@ def compress(
              "tokens_hash": data.token_hash(ids), "method": m.name, "pattern": str(patt), "options": options, "targets": targets or [], "ignore": ignore or [], "storage": storage,
              "save_dtype": save_dtype, "batch_tokens": batch_tokens, "device": dev.type, "versions": _versions()},
             net, weights=weights, write_dtype=_save_dtype(save_dtype) if storage == "masked" else None,
+            activations_on_disk=activations.wants_on_disk(activations_on_disk, net, ids),
         )
         report = compress_model(net, ids, method=m.name, pattern=patt, device=dev, batch_tokens=batch_tokens, progress=True,
                                 targets=targets, ignore=ignore, store=run, **options)

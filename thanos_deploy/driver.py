@@ -5,21 +5,24 @@
    statistics of every linear (one accumulator per distinct input), prune every linear with the
    method, then run the pruned layer to produce the inputs of the next layer.
 
-The loop owns all its state (`LayerInputs` and the report list): a later change can stream layers
-from disk or resume after layer i from (i, inputs, reports) without touching the methods.
+The loop owns all its state (`LayerInputs` and the report list), so a `store` (resume.RunFolder)
+can restore it after layer i, read offloaded layers from disk, and keep the hidden states between
+layers on disk (activations.py) without touching the methods.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import models, numerics
+from . import activations, models, numerics
 from .errors import UserError
 from .methods import get_method
 from .patterns import check_shape, parse_pattern
@@ -29,20 +32,21 @@ from .targets import select
 
 @dataclass
 class LayerInputs:
-    """What flows from one decoder layer to the next, one entry per calibration batch."""
+    """What flows from one decoder layer to the next, one entry per calibration batch. `hidden` is a
+    list, or an activations.OnDisk that reads one batch at a time; the other arguments (positions,
+    masks) are small and stay in memory."""
 
-    hidden: list[torch.Tensor]
+    hidden: list[torch.Tensor] | activations.OnDisk
     args: list[tuple]
     kwargs: list[dict]
 
-    def run(self, layer: nn.Module, before_each=None) -> list[torch.Tensor]:
-        outputs = []
+    def run(self, layer: nn.Module, before_each=None) -> Iterator[torch.Tensor]:
+        """The layer's output for each batch, computed (and its input read) only when asked for."""
         for hidden, args, kwargs in zip(self.hidden, self.args, self.kwargs):
             if before_each:
                 before_each()
             out = layer(hidden, *args, **kwargs)
-            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-        return outputs
+            yield out[0] if isinstance(out, (tuple, list)) else out
 
 
 ERROR_SAMPLE_TOKENS = 4096  # methods without a Hessian report their error on about this many tokens
@@ -71,8 +75,9 @@ def batch_size(seqlen: int, batch_tokens: int) -> int:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, ids: torch.Tensor, *, device, batch_tokens: int = 8192) -> LayerInputs:
-    """Run the model up to decoder layer 0 and keep what reaches it, batch by batch."""
+def capture_inputs(model: nn.Module, ids: torch.Tensor, *, device, batch_tokens: int = 8192, spill: Path | None = None) -> LayerInputs:
+    """Run the model up to decoder layer 0 and keep what reaches it, batch by batch: in memory, or
+    the hidden states in the file `spill` as they come."""
     layers = models.decoder_layers(model)
     outside = _modules_outside(model, layers)
     home = next(model.parameters()).device
@@ -82,35 +87,37 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, *, device, batch_tokens:
         raise _Captured(args, kwargs)
 
     handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
-    inputs = LayerInputs([], [], [])
+    chunks = ids.split(batch_size(ids.shape[1], batch_tokens))
+    positional, keywords = [], []
     try:
-        for chunk in ids.split(batch_size(ids.shape[1], batch_tokens)):
-            try:
-                model(input_ids=chunk.to(device), use_cache=False)
-            except _Captured as c:
-                args, kwargs = tuple(c.args_), dict(c.kwargs_)
-                hidden = args[0] if args else kwargs.pop("hidden_states")
-                inputs.hidden.append(hidden)
-                inputs.args.append(args[1:])
-                inputs.kwargs.append(kwargs)
-            else:
-                raise RuntimeError("decoder layer 0 was never called")
+        with activations.keep(spill, len(chunks)) as hidden:
+            for chunk in chunks:
+                try:
+                    model(input_ids=chunk.to(device), use_cache=False)
+                except _Captured as c:
+                    args, kwargs = tuple(c.args_), dict(c.kwargs_)
+                    hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+                    positional.append(args[1:])
+                    keywords.append(kwargs)
+                else:
+                    raise RuntimeError("decoder layer 0 was never called")
     finally:
         handle.remove()
         _move(outside, home)
-    return inputs
+    return LayerInputs(hidden.batches(), positional, keywords)
 
 
 @torch.no_grad()
-def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options: dict, *, index: int = 0, on_linear=None, subs=None):
+def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options: dict, *, index: int = 0, on_linear=None, subs=None, spill: Path | None = None):
     """Prune the linears `subs` (default: every linear) of one decoder layer in place; return
-    (report, inputs of the next layer)."""
+    (report, inputs of the next layer), whose hidden states are in memory or, given `spill`, in that file."""
     t0 = time.perf_counter()
     subs = models.linears(layer) if subs is None else subs
-    tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
+    tokens = sum(shape[0] * shape[1] for shape in activations.shapes(inputs.hidden))
     collector = InputStats(subs, hessian=method.needs_hessian, sample_every=max(1, tokens // ERROR_SAMPLE_TOKENS))
     try:
-        inputs.run(layer, before_each=collector.next_batch)
+        for _ in inputs.run(layer, before_each=collector.next_batch):
+            pass  # the hooks collect the statistics
     finally:
         collector.close()
     t_stats = time.perf_counter() - t0
@@ -150,14 +157,16 @@ def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options:
         linear.weight.data = new.to(weight.dtype)
     del collector
     t2 = time.perf_counter()
-    outputs = inputs.run(layer)
-    numerics.check_outputs(outputs, f"layers.{index}")
+    with activations.keep(spill, len(inputs.hidden)) as outputs:
+        for out in inputs.run(layer):
+            numerics.check_output(out, f"layers.{index}")
+            outputs.append(out)
     report["seconds"] = {
         "statistics": round(t_stats, 4),
         "prune": round(t_prune, 4),
         "forward": round(time.perf_counter() - t2, 4),
     }
-    return report, LayerInputs(outputs, inputs.args, inputs.kwargs)
+    return report, LayerInputs(outputs.batches(), inputs.args, inputs.kwargs)
 
 
 def compress_model(
@@ -179,8 +188,8 @@ def compress_model(
     `calib_ids` is a [n, seqlen] token tensor. Embeddings and the LM head are never pruned. One
     decoder layer at a time is moved to `device` (default: where the model is). `targets` and
     `ignore` pick the linears by module name (targets.py); default: every decoder linear. `store`
-    (a resume.RunFolder) checkpoints after every layer, restores a killed run and reads offloaded
-    layers.
+    (a resume.RunFolder) checkpoints after every layer, restores a killed run, reads offloaded
+    layers and says where the hidden states between layers live (`store.spill`: memory or a file).
     """
     m = get_method(method)
     pattern = parse_pattern(pattern)
@@ -193,7 +202,10 @@ def compress_model(
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     t0 = time.perf_counter()
-    inputs = capture_inputs(model, calib_ids, device=device, batch_tokens=batch_tokens)
+    spill = store.spill if store else lambda index: None
+    if spill(0) is not None:
+        activations.free_batches_at_once()
+    inputs = capture_inputs(model, calib_ids, device=device, batch_tokens=batch_tokens, spill=spill(0))
     start, reports, inputs = store.restore(layers, inputs) if store else (0, [], inputs)
     bar = _progress(progress)
     with bar or nullcontext():
@@ -208,7 +220,7 @@ def compress_model(
             home = next(layer.parameters()).device
             layer.to(device)
             on_linear = (lambda name, i=i: bar.update(task, description=f"{m.name} {pattern} · layer {i}.{name}")) if bar else None
-            report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear, subs=chosen[i])
+            report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear, subs=chosen[i], spill=spill(i + 1))
             layer.to(home)
             reports.append(report)
             if store:

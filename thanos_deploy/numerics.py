@@ -34,6 +34,7 @@ def check_weight(weight: torch.Tensor, where: str) -> None:
         raise UserError(f"{where}: pruning produced inf or NaN weights; nothing was written: raise --percdamp (e.g. 0.1) or use --dtype float32")
 
 
-def check_outputs(outputs: list[torch.Tensor], where: str) -> None:
-    if not all(bool(torch.isfinite(o).all()) for o in outputs):
+def check_output(output: torch.Tensor, where: str) -> None:
+    """One calibration batch out of a pruned layer, checked before it is kept (in memory or on disk)."""
+    if not bool(torch.isfinite(output).all()):
         raise UserError(f"{where}: the pruned layer's outputs contain inf or NaN; nothing was written: use --dtype float32 or raise --percdamp")

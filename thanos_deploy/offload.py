@@ -157,9 +157,13 @@ def wants_offload(spec: str, flag: bool | None, *, compatible: bool) -> bool:
     where = models.resolve(spec)
     if isinstance(where, str) or not compatible:
         return False
+    return not fits_in_memory(sum(p.stat().st_size for p in Path(where).glob("*.safetensors")))
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether `nbytes` take at most 80 % of the memory available now (if unknown: they fit)."""
     available = _available_memory()
-    size = sum(p.stat().st_size for p in Path(where).glob("*.safetensors"))
-    return available is not None and size > 0.8 * available
+    return available is None or nbytes <= 0.8 * available
 
 
 def _available_memory() -> int | None:

@@ -3,7 +3,9 @@
 `.OUT.partial/` next to `--out` holds, after decoder layer i is pruned:
 - `model-layer-0000i.safetensors`: the pruned layer, already in its final form (a shard of the output);
 - `inputs-0000{i+1}.safetensors`: what reaches layer i+1 (the hidden states, per calibration batch;
-  the other layer arguments, masks and positions, are recomputed from the embeddings, which is cheap);
+  the other layer arguments, masks and positions, are recomputed from the embeddings, which is cheap).
+  With activations on disk it is where the driver writes that layer's outputs as they come and
+  reads them back from, batch by batch (activations.py);
 - `progress.json`: layers done and their reports, replaced atomically last, so a kill at any point
   leaves the previous consistent state;
 - `fingerprint.json`: everything that determines the result; a resume that differs is refused;
@@ -33,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import models
+from . import activations, models
 from .errors import UserError
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file size limit (ulimit -f)
@@ -102,6 +104,7 @@ class RunFolder:
         self.owned = not (existed and resume)  # a resumed run's progress is the user's: never discard it on bad input
         self.progress = self._read(PROGRESS) or {"done": 0, "reports": []}
         self.model = self.weights = self.write_dtype = None
+        self.activations_on_disk = False
 
     @property
     def done(self) -> int:
@@ -125,8 +128,9 @@ class RunFolder:
         os.replace(tmp, self.path / name)
         _sync_folder(self.path)
 
-    def start(self, fingerprint: dict, model: nn.Module, *, weights=None, write_dtype=None) -> None:
-        """Record (or, on resume, check) the fingerprint; `weights` is set for offloaded layers."""
+    def start(self, fingerprint: dict, model: nn.Module, *, weights=None, write_dtype=None, activations_on_disk: bool = False) -> None:
+        """Record (or, on resume, check) the fingerprint; `weights` is set for offloaded layers.
+        Where the activations live is not in the fingerprint: the results are the same bytes."""
         old = self._read(FINGERPRINT)
         if old is not None and self.done > 0 and old != fingerprint:
             changed = [f"{k} (was {_short(old.get(k))}, now {_short(fingerprint.get(k))})" for k in sorted(old.keys() | fingerprint.keys()) if old.get(k) != fingerprint.get(k)]
@@ -135,22 +139,33 @@ class RunFolder:
             self.progress = {"done": 0, "reports": []}
             self._write_json(FINGERPRINT, fingerprint)
         self.model, self.weights, self.write_dtype = model, weights, write_dtype
+        self.activations_on_disk = activations_on_disk
 
     # -- what driver.compress_model calls -------------------------------------------------------
 
+    def spill(self, index: int) -> Path | None:
+        """Where the driver keeps the hidden states that reach layer `index`: None (memory), or
+        the file this folder checkpoints them in anyway."""
+        return self.path / inputs_file(index) if self.activations_on_disk else None
+
     def restore(self, layers: nn.ModuleList, inputs):
         """(first layer to prune, reports so far, its inputs): the finished layers are put back in
-        memory unless offloaded, and the saved hidden states replace the freshly captured ones."""
+        memory unless offloaded, and the saved hidden states replace the freshly captured ones
+        (read into memory, or read batch by batch from their file with activations on disk)."""
         k = self.done
         if k == 0:
             return 0, [], inputs
         if self.weights is None:
             for i in range(k):
-                self._read_tensors(layer_file(i), layers[i], prefix=self._prefix(i))
-        saved = self._read_tensors(inputs_file(k))
-        hidden = [saved[f"batch.{j}"].to(inputs.hidden[0].device) for j in range(len(saved))]
-        if [h.shape for h in hidden] != [h.shape for h in inputs.hidden]:
-            raise UserError(f"'{self.path / inputs_file(k)}' does not match this run's calibration batches: rerun with --overwrite")
+                self._load_layer(i, layers[i])
+        on_disk, path = isinstance(inputs.hidden, activations.OnDisk), self.path / inputs_file(k)
+        with _reading(path):
+            saved = activations.OnDisk(path, inputs.hidden.device if on_disk else inputs.hidden[0].device)
+            if saved.shapes != activations.shapes(inputs.hidden):
+                raise UserError(f"'{path}' does not match this run's calibration batches: rerun with --overwrite")
+            hidden = saved if on_disk else list(saved)
+        if on_disk:
+            inputs.hidden.path.unlink()  # the captured inputs of layer 0, not needed
         inputs.hidden = hidden
         return k, list(self.progress["reports"]), inputs
 
@@ -159,10 +174,12 @@ class RunFolder:
             self.weights.load_into(layer, self._prefix(index), next(self.model.parameters()).dtype)
 
     def save(self, index: int, layer: nn.Module, report: dict, inputs) -> None:
-        """Checkpoint after layer `index`: its shard, the next layer's inputs, then the progress."""
+        """Checkpoint after layer `index`: its shard, the next layer's inputs (unless the driver
+        wrote them there already, activations on disk), then the progress."""
         prefix = self._prefix(index)
         self._write_tensors(layer_file(index), {prefix + k: v for k, v in layer.state_dict().items()}, cast=True)
-        self._write_tensors(inputs_file(index + 1), {f"batch.{j}": h for j, h in enumerate(inputs.hidden)}, cast=False)
+        if not isinstance(inputs.hidden, activations.OnDisk):
+            self._write_tensors(inputs_file(index + 1), {f"batch.{j}": h for j, h in enumerate(inputs.hidden)}, cast=False)
         progress = {"done": index + 1, "reports": self.progress["reports"] + [report]}
         self._write_json(PROGRESS, progress)
         self.progress = progress
@@ -254,17 +271,21 @@ class RunFolder:
         os.chmod(tmp, 0o666 & ~_UMASK)  # the safetensors writer creates files 0600
         os.replace(tmp, self.path / name)
 
-    def _read_tensors(self, name: str, module: nn.Module | None = None, *, prefix: str = "") -> dict:
-        path = self.path / name
-        try:
-            with safe_open(path, "pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"'{path}' cannot be read ({e}): rerun with --overwrite instead of --resume") from None
-        if module is not None:
-            own = module.state_dict()
-            module.load_state_dict({k.removeprefix(prefix): v.to(own[k.removeprefix(prefix)].dtype) for k, v in tensors.items()})
-        return tensors
+    def _load_layer(self, index: int, layer: nn.Module) -> None:
+        path, prefix = self.path / layer_file(index), self._prefix(index)
+        with _reading(path), safe_open(path, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        own = layer.state_dict()
+        layer.load_state_dict({k.removeprefix(prefix): v.to(own[k.removeprefix(prefix)].dtype) for k, v in tensors.items()})
+
+
+@contextmanager
+def _reading(path: Path):
+    """A progress file that cannot be read is one line that says to start over."""
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"'{path}' cannot be read ({e}): rerun with --overwrite instead of --resume") from None
 
 
 def _sync_folder(path: Path) -> None:
