@@ -51,6 +51,25 @@ def test_trailing_inverse_matches_direct_inverse():
 # ---------------------------------------------------------------- Thanos
 
 
+@pytest.mark.parametrize("largest", [40, 300])  # 300: several cache-sized batches, solved concurrently on CPU
+def test_principal_solves_equal_direct_solves(largest):
+    g = torch.Generator().manual_seed(0)
+    width, rows = 320, 30
+    A = torch.randn(width, width + 10, generator=g, dtype=F64)
+    M = A @ A.T / width + 0.1 * torch.eye(width, dtype=F64)
+    rhs = torch.randn(rows, width, generator=g, dtype=F64)
+    counts = torch.randint(0, largest + 1, (rows,), generator=g)
+    counts[0], counts[1] = 0, largest  # an empty row and a full-size one
+    mask = torch.stack([torch.randperm(width, generator=g) < c for c in counts])
+    x = thanos._principal_solve(M, rhs, mask, row_batch=7)
+    for r in range(rows):
+        i = mask[r]
+        expected = torch.zeros(width, dtype=F64)
+        if i.any():
+            expected[i] = torch.linalg.solve(M[i][:, i], rhs[r, i])
+        assert torch.allclose(x[r], expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max().clamp(min=1)))
+
+
 @pytest.mark.parametrize("sparsity", [0.5, 0.8])  # 0.8: most rows prune more than half (the |k|-sized solve)
 def test_thanos_single_block_is_global_wanda_mask_plus_exact_least_squares(sparsity):
     W, X, st = problem(rows=12, cols=40)
