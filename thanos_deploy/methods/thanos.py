@@ -123,8 +123,9 @@ def _principal_solve(M: torch.Tensor, rhs: torch.Tensor, mask: torch.Tensor, row
     Rows are taken in order of |i| so each batch pads to a similar size (N:M needs no padding);
     padded entries get an identity row/column and a zero right-hand side, so their x is 0.
     On CPU a batch is also capped to CACHE_FLOATS entries of systems (one batch of 256 systems of
-    256² floats is 64 MB: the factorisation then runs at memory speed), and batches run on all
-    threads at once, one thread each: LAPACK's small factorisations do not scale across threads.
+    256² floats is 64 MB: the factorisation then runs at memory speed), and batches of systems of at
+    least CONCURRENT_FROM unknowns run on all threads at once, one thread each: LAPACK's small
+    factorisations do not scale across threads.
     """
     out = torch.zeros_like(rhs)
     counts = mask.sum(1)
