@@ -15,7 +15,7 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/pip.log" 2>
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'transformers', transformers.__version__, 'capability', torch.cuda.get_device_capability(), 'cusparselt', getattr(torch.backends, 'cusparselt', None) and torch.backends.cusparselt.is_available())" | tee -a "$out/gpu.txt"
 if [[ " $checks " == *" tests "* ]]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_algorithms.py tests/test_compact.py tests/test_export.py tests/test_bench.py 2>&1 | tail -15 | tee "$out/gpu_tests.txt"
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_algorithms.py tests/test_compact.py tests/test_export.py tests/test_bench.py tests/test_resume.py 2>&1 | tail -15 | tee "$out/gpu_tests.txt"
 fi
 if [[ " $checks " == *" prune "* ]]; then
   python3 bench/prune_speed.py --device cuda --repeats "${REPEATS:-2}" --out "$out" 2>&1 | tee "$out/prune_speed_cuda.txt"

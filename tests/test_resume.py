@@ -171,6 +171,18 @@ def test_offload_peak_memory_is_below_the_in_memory_run_by_the_model_size(tmp_pa
     assert in_memory - offloaded > 0.7 * size_kib, (in_memory, offloaded, size_kib)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: run by bench/gpu_checks.sh on a GPU machine")
+def test_offload_on_cuda_gives_the_bytes_of_the_in_memory_cuda_run(job, tmp_path):
+    """One layer at a time on the GPU, read from the shards: the same bytes as the model held in memory."""
+    args, _ = job
+    outs = {flag: tmp_path / flag.lstrip("-") for flag in ("--no-offload", "--offload")}
+    for flag, out in outs.items():
+        r = run_cli(*args, "--device", "cuda", "--out", str(out), flag)
+        assert r.returncode == 0, r.stderr
+    assert_same_files(outs["--offload"], outs["--no-offload"])
+
+
 def test_the_sharded_output_is_the_model_pruned_in_memory(job):
     """The per-layer shards + index hold exactly what compress_model computes, tied head included."""
     from safetensors.torch import load_file
