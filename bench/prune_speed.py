@@ -1,6 +1,6 @@
 """Time the per-layer pruning math alone (no forward passes): Wanda, SparseGPT and Thanos.
 
-    python bench/prune_speed.py [--shapes smollm2|llama2-7b|all] [--patterns 2:4,unstructured:0.5]
+    python bench/prune_speed.py [--shapes smollm2|llama2-7b|all] [--patterns 2:4,unstructured:0.5] [--block-size 512]
 
 Shapes are SmolLM2-135M's linears and LLaMA-2-7B's (4096x4096, 11008x4096, 4096x11008), with a
 synthetic positive-definite Hessian (low rank plus diagonal, like real activations). Each method
@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--patterns", default="2:4,unstructured:0.5")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
+    ap.add_argument("--block-size", type=int, default=512, help="Thanos's B")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -100,7 +101,7 @@ def main() -> None:
     rows_out = []
     solve = SolveStage(device)
     gemm = gemm_gflops(device)
-    print(f"device {device}, {torch.get_num_threads()} CPU threads; seconds of pruning math per linear")
+    print(f"device {device}, {torch.get_num_threads()} CPU threads, Thanos B = {args.block_size}; seconds of pruning math per linear")
     print(f"fp32 GEMM now: 2048² matmul {gemm['matmul_2048']:.0f} GFLOP/s, 256 x 256² bmm {gemm['bmm_256x256^2']:.0f} GFLOP/s")
     print(f"{'shape':>12} {'pattern':>17} " + " ".join(f"{m:>10}" for m in METHODS) + f" {'thanos/sgpt':>12} {'solve s':>8} {'solve GFLOP/s':>14}")
     for rows, cols in shapes:
@@ -110,7 +111,7 @@ def main() -> None:
             seconds = {}
             for name in METHODS:
                 m = get_method(name)
-                opts = m.options(pattern, {})
+                opts = m.options(pattern, {"block_size": args.block_size} if name == "thanos" else {})
                 timed(lambda: m.prune(W[:64], stats, pattern, **opts), device)  # warm-up
                 runs = []
                 for _ in range(args.repeats):
@@ -124,7 +125,9 @@ def main() -> None:
             print(f"{rows:>5}x{cols:<6} {spec:>17} " + " ".join(f"{seconds[m]:>10.3f}" for m in METHODS)
                   + f" {ratio:>12.2f} {solve_seconds:>8.3f} {gflops:>14.1f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"prune_speed-{device.type}.json").write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "gemm_gflops_per_s": gemm, "results": rows_out}, indent=2) + "\n")
+    name = f"prune_speed-{device.type}" + ("" if args.block_size == 512 else f"-B{args.block_size}")
+    (args.out / f"{name}.json").write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "block_size": args.block_size,
+                                                     "gemm_gflops_per_s": gemm, "results": rows_out}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
