@@ -18,7 +18,7 @@ from thanos_deploy import activations, offload
 
 from .conftest import random_ids, run_cli, tiny_model
 
-LAYERS = 6
+LAYERS = 12  # the kill tests interrupt after layer 2: ten layers to go, margin for a busy machine's signal latency
 
 
 def save_tiny(folder: Path, *, layers: int = 2, seed: int = 0, **overrides) -> Path:
@@ -36,7 +36,7 @@ def save_ids(path: Path, n: int = 8, seqlen: int = 32, vocab: int = 256) -> Path
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """A tiny 6-layer model (tied embeddings, as SmolLM2), its calibration tokens, and the uninterrupted run's output."""
+    """A tiny 12-layer model (tied embeddings, as SmolLM2), its calibration tokens, and the uninterrupted run's output."""
     root = tmp_path_factory.mktemp("resume")
     model, ids = save_tiny(root / "model", layers=LAYERS, tie_word_embeddings=True), save_ids(root / "ids.safetensors")
     args = ["compress", str(model), "--method", "thanos", "--pattern", "2:4", "--calib-tokens", str(ids)]
