@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 
 def latency_vs_batch(result: dict, path: Path) -> None:
@@ -101,8 +102,10 @@ def tradeoffs(rows: list[dict], path: Path, title: str) -> None:
         xs, ys = [x for x, _ in points], [p for _, p in points] + ([dense] if dense else [])
         if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis)
         if ys and max(ys) / min(ys) > 5:
             ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis)
         ax.set(xlabel=xlabel, ylabel="perplexity (lower is better)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
@@ -110,6 +113,14 @@ def tradeoffs(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plain_log_ticks(axis) -> None:
+    """Ticks at 1, 2, 5 × 10^k labelled as plain numbers (matplotlib's default labels every minor
+    tick of a short log axis as 2×10⁰, 3×10⁰, ..., which overlap)."""
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _varying_options(row: dict, rows: list[dict]) -> str:
