@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,12 @@ def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.Complet
     return subprocess.run(
         [str(exe), *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=900
     )
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """Start the installed console script for a test that interrupts it. SIGINT is reset to its
+    default in the child: a shell without job control starts background jobs (`make test &`)
+    with SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt."""
+    exe = Path(sys.executable).with_name("thanos-deploy")
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -4,9 +4,6 @@ import json
 import random
 import signal
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +19,7 @@ from thanos_deploy.evaluate import backend_perplexity, perplexity
 from thanos_deploy.plots import pareto_front
 from thanos_deploy.runtime import open_backend
 
-from .conftest import random_ids, run_cli, tiny_model
+from .conftest import random_ids, run_cli, start_cli, tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -220,10 +217,8 @@ def test_bench_plan_with_unknown_method(tmp_path, tiny_folder):
 
 def test_bench_ctrl_c_leaves_nothing(tmp_path, tiny_folder):
     out = tmp_path / "bench"
-    exe = Path(sys.executable).with_name("thanos-deploy")
-    proc = subprocess.Popen([str(exe), "bench", str(tiny_folder), str(tiny_folder), "--reps", "50", "--batch-sizes", "1",
-                             "--prompt-lengths", "16", "--eval-windows", "0", "--no-peak-memory", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli("bench", str(tiny_folder), str(tiny_folder), "--reps", "50", "--batch-sizes", "1",
+                     "--prompt-lengths", "16", "--eval-windows", "0", "--no-peak-memory", "--out", str(out))
     for line in proc.stdout:  # one line per step when not on a terminal
         if line.startswith("rep "):
             break

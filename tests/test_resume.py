@@ -16,9 +16,9 @@ import torch
 
 from thanos_deploy import activations, offload
 
-from .conftest import random_ids, run_cli, tiny_model
+from .conftest import random_ids, run_cli, start_cli, tiny_model
 
-LAYERS = 12  # the kill tests interrupt after layer 2: ten layers to go, margin for a busy machine's signal latency
+LAYERS = 6
 
 
 def save_tiny(folder: Path, *, layers: int = 2, seed: int = 0, **overrides) -> Path:
@@ -36,7 +36,7 @@ def save_ids(path: Path, n: int = 8, seqlen: int = 32, vocab: int = 256) -> Path
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """A tiny 12-layer model (tied embeddings, as SmolLM2), its calibration tokens, and the uninterrupted run's output."""
+    """A tiny 6-layer model (tied embeddings, as SmolLM2), its calibration tokens, and the uninterrupted run's output."""
     root = tmp_path_factory.mktemp("resume")
     model, ids = save_tiny(root / "model", layers=LAYERS, tie_word_embeddings=True), save_ids(root / "ids.safetensors")
     args = ["compress", str(model), "--method", "thanos", "--pattern", "2:4", "--calib-tokens", str(ids)]
@@ -44,11 +44,6 @@ def job(tmp_path_factory):
     r = run_cli(*args, "--out", str(reference))
     assert r.returncode == 0, r.stderr
     return args, reference
-
-
-def start(args: list[str]) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("thanos-deploy")
-    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_layers(out: Path, process: subprocess.Popen, done: int) -> None:
@@ -81,7 +76,7 @@ def assert_same_files(out: Path, reference: Path) -> None:
 def test_sigkill_in_the_middle_then_resume_gives_the_same_bytes(job, tmp_path):
     args, reference = job
     out = tmp_path / "out"
-    process = start([*args, "--out", str(out)])
+    process = start_cli(*args, "--out", str(out))
     wait_for_layers(out, process, 2)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -104,7 +99,7 @@ def test_sigkill_in_the_middle_then_resume_gives_the_same_bytes(job, tmp_path):
 def test_ctrl_c_prints_the_resume_command_which_gives_the_same_bytes(job, tmp_path):
     args, reference = job
     out = tmp_path / "out"
-    process = start([*args, "--out", str(out)])
+    process = start_cli(*args, "--out", str(out))
     wait_for_layers(out, process, 2)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -120,7 +115,7 @@ def test_ctrl_c_prints_the_resume_command_which_gives_the_same_bytes(job, tmp_pa
 def test_a_second_process_on_the_same_out_refuses_at_once(job, tmp_path):
     args, _ = job
     out = tmp_path / "out"
-    first = start([*args, "--out", str(out)])
+    first = start_cli(*args, "--out", str(out))
     wait_for_layers(out, first, 1)
     first.send_signal(signal.SIGSTOP)  # paused (Ctrl-Z), it still holds the lock: the second run meets it for sure
     try:
@@ -214,7 +209,7 @@ def test_activations_on_disk_give_the_same_bytes_with_offload_and_after_kills(jo
     on_disk = [*args, "--out", str(out), "--activations-on-disk", "--offload"]
     done = 1
     for command in (on_disk, [*args, "--out", str(out), "--activations-in-memory", "--resume"]):
-        process = start(command)
+        process = start_cli(*command)
         wait_for_layers(out, process, done + 1)
         process.send_signal(signal.SIGKILL)
         process.wait()
