@@ -119,7 +119,7 @@ def keep(path: Path | None, count: int) -> Writer | InMemory:
     return InMemory() if path is None else Writer(path, count)
 
 
-def free_batches_at_once() -> None:
+def free_large_blocks_at_once() -> None:
     """Make glibc hand blocks of 1 MiB and more (a batch's hidden states and the layer's
     intermediates) back to the OS as soon as they are freed. By default it raises this threshold
     to the size of each such block freed (up to 32 MiB), after which they come from its heap, where

@@ -203,8 +203,8 @@ def compress_model(
 
     t0 = time.perf_counter()
     spill = store.spill if store else lambda index: None
-    if store and (store.weights is not None or spill(0) is not None):
-        activations.free_batches_at_once()  # offloaded layers or activations: memory is what counts
+    if store and store.bounds_memory:
+        activations.free_large_blocks_at_once()
     inputs = capture_inputs(model, calib_ids, device=device, batch_tokens=batch_tokens, spill=spill(0))
     start, reports, inputs = store.restore(layers, inputs) if store else (0, [], inputs)
     bar = _progress(progress)

@@ -143,6 +143,11 @@ class RunFolder:
 
     # -- what driver.compress_model calls -------------------------------------------------------
 
+    @property
+    def bounds_memory(self) -> bool:
+        """Layers offloaded or activations on disk: a run whose point is to stay small."""
+        return self.weights is not None or self.activations_on_disk
+
     def spill(self, index: int) -> Path | None:
         """Where the driver keeps the hidden states that reach layer `index`: None (memory), or
         the file this folder checkpoints them in anyway."""
