@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from thanos_deploy import compress_model, data, models
+from thanos_deploy import UserError, compress_model, data, models
 from thanos_deploy.compare import parse_methods
 
 
@@ -43,7 +43,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    runs = [run for run in parse_methods(args.methods) if run.method != "dense"]
+    try:
+        runs = [run for run in parse_methods(args.methods) if run.method != "dense"]
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
 
     base, tokenizer = models.load(args.model)
     ids = data.calibration_tokens("austen", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen)
