@@ -6,7 +6,9 @@ For SmolLM2's linear shapes, times F.linear of one token against a weight [rows,
 the same weight with a third of its columns removed (what structured:0.3 does), with weights
 streamed from memory (60 distinct copies per shape, as in a real decode step), and the same
 products with the weight stored transposed ([cols, rows] contiguous). Prints each time and the
-ratios measured in this one run: if time followed bytes, "cols ×2/3" would be 0.67×.
+ratios measured in this one run: if time followed bytes, "cols ×2/3" would be 0.67×. Then the same
+products as the torch runtime runs them on CPU (`runtime/threaded.py`: the weight's rows split over
+the threads, one batched product), at 1 and 4 rows, against F.linear on the same weights.
 """
 
 from __future__ import annotations
@@ -17,26 +19,30 @@ import time
 import torch
 import torch.nn.functional as F
 
+from thanos_deploy.runtime.threaded import threaded_linear
+
 COPIES, REPS = 60, 7
 
 
-def best_time(fn) -> float:
-    """Best of REPS passes over COPIES weights, per product, in microseconds."""
+def best_time(fn, copies: int = COPIES) -> float:
+    """Best of REPS passes over `copies` weights, per product, in microseconds."""
     best = float("inf")
     for _ in range(REPS):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
-    return best / COPIES * 1e6
+    return best / copies * 1e6
 
 
-def product_times(rows: int, cols: int) -> dict[str, float]:
-    x = torch.randn(1, cols)
-    weights = [torch.randn(rows, cols) for _ in range(COPIES)]
+def product_times(rows: int, cols: int, tokens: int = 1) -> dict[str, float]:
+    copies = max(4, min(COPIES, 2**30 // (rows * cols * 4)))  # at most 1 GiB of weights (the LM head)
+    x = torch.randn(tokens, cols)
+    weights = [torch.randn(rows, cols) for _ in range(copies)]
     transposed = [w.t().contiguous().t() for w in weights]  # same values, column-major storage
     return {
-        "row-major": best_time(lambda: [F.linear(x, w) for w in weights]),
-        "column-major": best_time(lambda: [F.linear(x, w) for w in transposed]),
+        "row-major": best_time(lambda: [F.linear(x, w) for w in weights], copies),
+        "column-major": best_time(lambda: [F.linear(x, w) for w in transposed], copies),
+        "threaded": best_time(lambda: [threaded_linear(x, w) for w in weights], copies),
     }
 
 
@@ -52,6 +58,16 @@ def main() -> None:
         full, pruned = product_times(rows, cols), product_times(rows, cols * 2 // 3)
         print(f"| {rows}×{cols} | {full['row-major']:.0f} | {pruned['row-major']:.0f} ({pruned['row-major'] / full['row-major']:.2f}×) "
               f"| {full['column-major']:.0f} ({full['column-major'] / full['row-major']:.2f}×) |")
+    print()
+    print("| weight | tokens | F.linear µs (GB/s) | threaded µs (GB/s, ratio to F.linear) | threaded, cols ×2/3 µs (ratio to threaded) |")
+    print("|---|---|---|---|---|")
+    for rows, cols in ((576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)):
+        for tokens in (1, 4):
+            full, pruned = product_times(rows, cols, tokens), product_times(rows, cols * 2 // 3, tokens)
+            rate = lambda us: rows * cols * 4 / us / 1e3  # noqa: E731 - GB/s of weight read
+            print(f"| {rows}×{cols} | {tokens} | {full['row-major']:.0f} ({rate(full['row-major']):.1f}) "
+                  f"| {full['threaded']:.0f} ({rate(full['threaded']):.1f}, {full['threaded'] / full['row-major']:.2f}×) "
+                  f"| {pruned['threaded']:.0f} ({pruned['threaded'] / full['threaded']:.2f}×) |")
 
 
 if __name__ == "__main__":

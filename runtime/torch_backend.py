@@ -1,5 +1,6 @@
 """PyTorch eager: any checkpoint thanos_deploy.load accepts; packed 2:4 linears use the
-semi-structured sparse kernels on CUDA (compute capability 8.0+)."""
+semi-structured sparse kernels on CUDA (compute capability 8.0+); on CPU every linear runs its
+few-row (decode) products on all threads (threaded.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import inspect
 import torch
 
 from .base import Backend
+from .threaded import use_every_thread
 
 
 class TorchBackend(Backend):
@@ -16,6 +18,8 @@ class TorchBackend(Backend):
 
         self.model, self.tokenizer = load(target, device=device, dtype=dtype)
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            use_every_thread(self.model)
         self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @torch.no_grad()

@@ -105,7 +105,7 @@ def default_grid(device: str, quick: bool) -> Grid:
     """CPU: small batches (a 2-core machine); CUDA: the batch sizes where 2:4 starts to pay."""
     if device == "cuda":
         return Grid((1, 8), (512,), 32, 5) if quick else Grid((1, 8, 32), (128, 2048), 64, 10)
-    return Grid((1, 4), (256,), 16, 3) if quick else Grid((1, 4), (128, 512), 32, 5)
+    return Grid((1, 4), (256,), 16, 5) if quick else Grid((1, 4), (128, 512), 32, 5)
 
 
 def schedule(labels: list[str], cells: list[tuple[int, int]], repetitions: int) -> list[tuple[int, tuple[int, int], str]]:
@@ -145,12 +145,14 @@ def cell_key(cell: tuple[int, int]) -> str:
 def measure(backends: dict, vocab: int, grid: Grid, on_step=None) -> dict:
     """Raw timings {label: {"BxS": {"prefill": [s per rep], "decode": [[s per step] per rep]}}}.
 
-    One untimed warm-up (prefill + 2 decode steps) per candidate and cell, then the schedule."""
+    One untimed warm-up per candidate and cell, as long as a repetition (prefill and every decode
+    step; with a two-step warm-up, one CPU run's first repetition was the slowest for every
+    candidate), then the schedule."""
     labels = list(backends)
     raw = {label: {cell_key(c): {"prefill": [], "decode": []} for c in grid.cells} for label in labels}
     for cell in grid.cells:
         for label in labels:
-            time_one(backends[label], prompt_ids(vocab, *cell), 2)
+            time_one(backends[label], prompt_ids(vocab, *cell), grid.decode_tokens)
             if on_step:
                 on_step(f"warm-up {label} {cell_key(cell)}")
     for rep, cell, label in schedule(labels, grid.cells, grid.repetitions):

@@ -57,6 +57,7 @@ class CompactLinear(nn.Module):
         self.register_buffer("dense_index", dense_index)
         self.dense_weight = None if dense_weight is None else nn.Parameter(dense_weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.product = F.linear  # the runtime may swap in a threaded one (runtime/threaded.py)
         self.register_buffer("order", None, persistent=False)
         self.register_buffer("gather", None, persistent=False)
         self._derive_indices()
@@ -107,16 +108,16 @@ class CompactLinear(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         if self.packed:  # bias added apart: the CUDA semi-structured weight takes a plain matmul
-            y = F.linear(x, self.weight)
+            y = self.product(x, self.weight)
             if self.order is not None:
-                y = _gather_columns(torch.cat([y, F.linear(x, self.dense_weight)], dim=1), self.order, self.out_features)[0]
+                y = _gather_columns(torch.cat([y, self.product(x, self.dense_weight)], dim=1), self.order, self.out_features)[0]
             if self.bias is not None:
                 y = y + self.bias
         else:
             kept, other = _gather_columns(x, self.gather, self.weight.shape[1])
-            y = F.linear(kept, self.weight, self.bias)
+            y = self.product(kept, self.weight, self.bias)
             if self.dense_index is not None:
-                y = _add_columns(y, self.dense_rows, F.linear(other, self.dense_weight))
+                y = _add_columns(y, self.dense_rows, self.product(other, self.dense_weight))
         return y.view(*lead, y.shape[-1])
 
     def dense(self) -> torch.Tensor:
