@@ -8,7 +8,8 @@ streamed from memory (60 distinct copies per shape, as in a real decode step), a
 products with the weight stored transposed ([cols, rows] contiguous). Prints each time and the
 ratios measured in this one run: if time followed bytes, "cols ×2/3" would be 0.67×. Then the same
 products as the torch runtime runs them on CPU (`runtime/threaded.py`: the weight's rows split over
-the threads, one batched product), at 1 and 4 rows, against F.linear on the same weights.
+the threads, one batched product), at 1, 4 and 16 rows (its limit), against F.linear on the same
+weights.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main() -> None:
     print("| weight | tokens | F.linear µs (GB/s) | threaded µs (GB/s, ratio to F.linear) | threaded, cols ×2/3 µs (ratio to threaded) |")
     print("|---|---|---|---|---|")
     for rows, cols in ((576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)):
-        for tokens in (1, 4):
+        for tokens in (1, 4, 16):
             full, pruned = product_times(rows, cols, tokens), product_times(rows, cols * 2 // 3, tokens)
             rate = lambda us: rows * cols * 4 / us / 1e3  # noqa: E731 - GB/s of weight read
             print(f"| {rows}×{cols} | {tokens} | {full['row-major']:.0f} ({rate(full['row-major']):.1f}) "

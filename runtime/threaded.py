@@ -1,12 +1,12 @@
 """Linear products of a few rows on every CPU thread (decode steps).
 
 MKL runs a product with a handful of rows, a decode step's one token per sequence, on one thread:
-on this project's 2-core CPU `F.linear` of one token takes the same time with 1 and 2 threads,
-and reads the weight at 10-16 GB/s where the memory gives about 30. Splitting the weight's output
-rows into one block per thread and running the blocks as one batched product (`torch.bmm`, which
-runs the batch in parallel) uses them all: 0.55-0.65x the time at 1 to 4 rows on SmolLM2's
-shapes, still 0.9x at 64 (`python bench/decode_products.py`). Each output is the same dot
-product as in `F.linear`, possibly summed in another order: equal up to float rounding.
+on this project's 2-core CPU `F.linear` of one token takes the same time with 1 and 2 threads and
+reads the weight at 10-15 GB/s. Splitting the weight's output rows into one block per thread and
+running the blocks as one batched product (`torch.bmm`, which runs the batch in parallel) uses
+them all: 0.5-0.8x the time at 1 and 4 rows on SmolLM2's shapes (`python bench/decode_products.py`,
+which also times 16 rows, the limit). Each output is the same dot product as in `F.linear`,
+possibly summed in another order: equal up to float rounding.
 
 Applied by the torch runtime on CPU to every linear, dense and compact alike, so a comparison
 between models measures the pruning, not the kernel.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 64  # above this MKL's own threading does as well (bench/decode_products.py)
+MAX_ROWS = 16  # more rows are left to MKL, which threads them itself (at 64 the split lost on some shapes)
 MIN_WEIGHT = 32768  # elements; below this the split's own cost (a few µs) is more than it saves
 
 
