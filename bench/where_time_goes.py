@@ -1,17 +1,19 @@
 """Where a prefill and a decode step spend their time: dense vs structured:0.3 shrunk SmolLM2 on CPU.
 
-    python bench/where_time_goes.py [--steps 32] [--reps 3]
+    python bench/where_time_goes.py [--prefill 4x512] [--steps 32] [--reps 3]
 
 Builds the three models of bench/compact_speed.py (dense, Thanos structured:0.3 shrunk with α = 0
 and 0.1), runs them through the torch runtime that `generate` and `bench` use, and profiles (torch
-profiler, CPU) one 4 × 512 prefill and `--steps` decode steps after a 64-token prompt, the models
-interleaved, `--reps` times; every figure is the median over the repetitions. Each phase's time is split into: the linear products (aten mm / addmm / bmm), attention (SDPA), the
-compact layers' gathers and scatters (index_select, index_add_, scatter_add_), every other aten
-op (norms, rotary embeddings, activations, KV-cache concatenations, copies), and what no aten op
-accounts for (Python and framework code), as measured under the profiler, which adds some of the
-last. Then it asks what the products allow: if every product took exactly its share of dense's
-products by multiply-adds (decoder linears and LM head) and the rest took what it took, the
-speed-up over dense would be the "products-only bound" printed next to the measured one.
+profiler, CPU) one prefill of `--prefill` (batch x tokens) and `--steps` decode steps after a
+64-token prompt, the models interleaved, `--reps` times; every figure is the median over the
+repetitions. Each phase's time is split into: the linear products (aten mm / addmm / bmm),
+attention (SDPA), the compact layers' gathers and scatters (index_select, index_add_,
+scatter_add_), every other aten op (norms, rotary embeddings, activations, KV-cache
+concatenations, copies), and what no aten op accounts for (Python and framework code), as
+measured under the profiler, which adds some of the last. Then it asks what the products allow:
+if every product took exactly its share of dense's products by multiply-adds (decoder linears and
+LM head) and the rest took what it took, the speed-up over dense would be the "products-only
+bound" printed next to the measured one.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def split(run) -> dict[str, float]:
 
 
 def phases(backend, windows: torch.Tensor, steps: int) -> dict[str, dict[str, float]]:
-    """Profiled split of a 4×512 prefill and of one decode step (mean over `steps`), each after a warm-up."""
+    """Profiled split of a prefill of `windows` and of one decode step (mean over `steps`), each after a warm-up."""
     backend.prefill(windows)
     prefill = split(lambda: backend.prefill(windows))
     logits, state = backend.prefill(windows[:1, :PROMPT])
@@ -64,17 +66,19 @@ def phases(backend, windows: torch.Tensor, steps: int) -> dict[str, dict[str, fl
 
     decode_steps()
     step = {k: v / steps for k, v in split(decode_steps).items()}
-    return {"prefill 4x512": prefill, "decode step": step}
+    return {"prefill": prefill, "decode step": step}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prefill", default="4x512", help="batch x tokens of the profiled prefill")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="where-time-goes-") as work:
         folders, _, macs, _, tokenizer = build_models(Path(work), ["torch"])
-        windows = data.windows(data.evaluation_tokens("austen", tokenizer), 512, 4)
+        batch, length = (int(v) for v in args.prefill.split("x"))
+        windows = data.windows(data.evaluation_tokens("austen", tokenizer), length, batch)
         backends = {label: open_backend("torch", str(folder)) for label, folder in folders.items()}
         runs = {label: [] for label in backends}
         for _ in range(args.reps):
@@ -89,16 +93,16 @@ def main() -> None:
     cols = ["products", "attention", "gathers", "other ops", "framework", "wall"]
     print("| phase | model | " + " | ".join(cols) + " | speed-up over dense | products-only bound |")
     print("|---|---|" + "---|" * (len(cols) + 2))
-    for phase in ("prefill 4x512", "decode step"):
+    for phase in ("prefill", "decode step"):
         dense = results["dense"][phase]
         for label, by_phase in results.items():
             r = by_phase[phase]
             share = sum(macs[label]) / sum(macs["dense"])  # products' multiply-adds relative to dense
             bound = dense["wall"] / (dense["wall"] - dense["products"] + dense["products"] * share)
-            print(f"| {phase} | {label} | " + " | ".join(f"{r[c] * 1e3:.1f}" for c in cols)
+            print(f"| {phase if phase != 'prefill' else 'prefill ' + args.prefill} | {label} | " + " | ".join(f"{r[c] * 1e3:.1f}" for c in cols)
                   + f" | {dense['wall'] / r['wall']:.2f}× | {bound:.2f}× |")
     print()
-    for phase in ("prefill 4x512", "decode step"):
+    for phase in ("prefill", "decode step"):
         d = results["dense"][phase]
         rest = d["wall"] - d["products"]
         print(f"{phase}: dense spends {rest * 1e3:.1f} of {d['wall'] * 1e3:.1f} ms outside the linear products "
