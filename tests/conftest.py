@@ -73,11 +73,13 @@ def tiny_folder(tmp_path_factory, smollm2_folder) -> Path:
     return folder
 
 
+CLI = str(Path(sys.executable).with_name("thanos-deploy"))  # the installed console script
+
+
 def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     """Run the installed `thanos-deploy` console script in a fresh process."""
-    exe = Path(sys.executable).with_name("thanos-deploy")
     return subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=900
+        [CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=900
     )
 
 
@@ -85,6 +87,5 @@ def start_cli(*args: str) -> subprocess.Popen:
     """Start the installed console script for a test that interrupts it. SIGINT is reset to its
     default in the child: a shell without job control starts background jobs (`make test &`)
     with SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt."""
-    exe = Path(sys.executable).with_name("thanos-deploy")
-    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen([CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import random_ids, run_cli, tiny_model
+from .conftest import CLI, random_ids, run_cli, tiny_model
 
 
 @dataclass
@@ -243,7 +242,7 @@ def run_case(case: Case, ws: Path, inputs: dict) -> tuple[subprocess.CompletedPr
     before = snapshot(ws)
     values = {**inputs, "out": str(ws / "out"), "ws": str(ws)}
     args = [a.format(**values) for a in case.args]
-    command = [str(Path(sys.executable).with_name("thanos-deploy")), *args]
+    command = [CLI, *args]
     if (ws / ".fsize").exists():  # SIGXFSZ ignored, so the write call fails with EFBIG; 64 blocks of 1 KiB
         command = ["bash", "-c", 'trap "" XFSZ; ulimit -f 64; exec "$@"', "--", *command]
     try:

@@ -3,7 +3,6 @@ same bytes; two processes on one --out do not mix; --offload never holds the mod
 --activations-on-disk never holds the calibration activations of every batch."""
 
 import json
-import os
 import shlex
 import signal
 import subprocess
