@@ -69,15 +69,29 @@ def phases(backend, windows: torch.Tensor, steps: int) -> dict[str, dict[str, fl
     return {"prefill": prefill, "decode step": step}
 
 
+def batch_by_tokens(text: str) -> tuple[int, int]:
+    """'4x512' -> (4, 512); argparse turns the ValueError into one error line."""
+    batch, tokens = (int(v) for v in text.split("x"))
+    if batch < 1 or tokens < PROMPT:
+        raise ValueError(text)
+    return batch, tokens
+
+
+def at_least_one(text: str) -> int:
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prefill", default="4x512", help="batch x tokens of the profiled prefill")
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prefill", type=batch_by_tokens, default="4x512", help=f"BATCHxTOKENS of the profiled prefill (TOKENS >= {PROMPT})")
+    ap.add_argument("--steps", type=at_least_one, default=32)
+    ap.add_argument("--reps", type=at_least_one, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="where-time-goes-") as work:
         folders, _, macs, _, tokenizer = build_models(Path(work), ["torch"])
-        batch, length = (int(v) for v in args.prefill.split("x"))
+        batch, length = args.prefill
         windows = data.windows(data.evaluation_tokens("austen", tokenizer), length, batch)
         backends = {label: open_backend("torch", str(folder)) for label, folder in folders.items()}
         runs = {label: [] for label in backends}
@@ -99,7 +113,7 @@ def main() -> None:
             r = by_phase[phase]
             share = sum(macs[label]) / sum(macs["dense"])  # products' multiply-adds relative to dense
             bound = dense["wall"] / (dense["wall"] - dense["products"] + dense["products"] * share)
-            print(f"| {phase if phase != 'prefill' else 'prefill ' + args.prefill} | {label} | " + " | ".join(f"{r[c] * 1e3:.1f}" for c in cols)
+            print(f"| {phase if phase != 'prefill' else f'prefill {batch}x{length}'} | {label} | " + " | ".join(f"{r[c] * 1e3:.1f}" for c in cols)
                   + f" | {dense['wall'] / r['wall']:.2f}× | {bound:.2f}× |")
     print()
     for phase in ("prefill", "decode step"):
