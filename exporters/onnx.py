@@ -25,10 +25,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
+from torch.export import Dim
+from transformers import DynamicCache
 
+from thanos_deploy.checkpoint import check_output, staged
 from thanos_deploy.errors import UserError
+from thanos_deploy.loading import load
+from thanos_deploy.runtime.ort import create_session
 
 from . import sparsity
 
@@ -70,8 +76,6 @@ class DecoderGraph(nn.Module):
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if not self.with_past:
             return self.model(**kwargs, use_cache=False).logits
@@ -99,8 +103,6 @@ def sample_inputs(config, batch: int, seq: int, past: int, with_past: bool, dtyp
 
 
 def _export_dynamo(graph: DecoderGraph, args: tuple, path: Path, external: bool) -> None:
-    from torch.export import Dim
-
     batch, seq, past, total = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length"), Dim("total_sequence_length")
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total}, "position_ids": {0: batch, 1: seq}}
     if graph.with_past:
@@ -113,8 +115,6 @@ def _export_dynamo(graph: DecoderGraph, args: tuple, path: Path, external: bool)
 
 
 def _export_legacy(graph: DecoderGraph, args: tuple, path: Path, external: bool) -> None:
-    import onnx
-
     names_in = input_names(graph.num_layers, graph.with_past)
     names_out = output_names(graph.num_layers, graph.with_past)
     axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
@@ -134,10 +134,6 @@ def _export_legacy(graph: DecoderGraph, args: tuple, path: Path, external: bool)
 
 def verify(path: Path, graph: DecoderGraph, config, dtype_name: str) -> dict:
     """ORT vs PyTorch on two shapes (with past: an empty past, then a decode step on a non-empty one)."""
-    import onnx
-
-    from thanos_deploy.runtime.ort import create_session
-
     onnx.checker.check_model(str(path))
     session = create_session(path, "cpu")
     dtype = next(graph.parameters()).dtype
@@ -204,8 +200,6 @@ def export_onnx(model: nn.Module, folder: Path, *, dtype: str = "fp32", with_pas
 
 def write_artifact(model, tokenizer, out: Path, *, dtype: str, with_past: bool, exporter: str = "auto", overwrite: bool = False) -> dict:
     """Export into a fresh folder with config, tokenizer and export_report.json, atomically."""
-    from thanos_deploy.checkpoint import staged
-
     with staged(out, overwrite) as tmp:
         report = export_onnx(model, tmp, dtype=dtype, with_past=with_past, exporter=exporter)
         model.config.save_pretrained(tmp)
@@ -213,3 +207,15 @@ def write_artifact(model, tokenizer, out: Path, *, dtype: str, with_past: bool, 
             tokenizer.save_pretrained(tmp)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def export_checkpoint(model: str, out: Path, *, dtype: str = "fp32", with_past: bool = True, exporter: str = "auto",
+                      overwrite: bool = False) -> dict:
+    """`export onnx`: check the options and the output, load any checkpoint, export and verify it."""
+    if dtype not in TOLERANCE:
+        raise UserError(f"unknown --dtype '{dtype}': use fp32 or fp16")
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise UserError(f"unknown --exporter '{exporter}': use auto, dynamo or legacy")
+    check_output(out, overwrite)
+    net, tokenizer = load(model)
+    return write_artifact(net, tokenizer, out, dtype=dtype, with_past=with_past, exporter=exporter, overwrite=overwrite)

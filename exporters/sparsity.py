@@ -12,6 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from thanos_deploy.errors import UserError
 
 PASS_THROUGH = {"Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
 
@@ -27,9 +32,6 @@ def two_four_along(weight: np.ndarray, axis: int) -> bool:
 
 def check_model(model) -> list[dict]:
     """One row per constant MatMul/Gemm weight: node, initializer, shape, K axis, 2:4 along K, density, bytes."""
-    import onnx
-    from onnx import numpy_helper
-
     if isinstance(model, (str, Path)):
         model = onnx.load(str(model), load_external_data=True)
     graph = model.graph
@@ -89,3 +91,16 @@ def check_model(model) -> list[dict]:
                 "bytes": int(array.nbytes),
             })
     return rows
+
+
+def check_file(path: str | Path) -> list[dict]:
+    """`inspect model.onnx`: the rows of `check_model`, or one clear error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX file '{path}' does not exist: check the path")
+    if path.stat().st_size == 0:
+        raise UserError(f"ONNX file '{path}' is empty: re-export it (thanos-deploy export onnx)")
+    try:
+        return check_model(path)
+    except (DecodeError, ValueError, OSError) as e:
+        raise UserError(f"'{path}' is not a readable ONNX model ({str(e).splitlines()[0]}): re-export it (thanos-deploy export onnx)") from None

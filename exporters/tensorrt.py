@@ -19,6 +19,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
+from thanos_deploy.checkpoint import check_output, onnx_file
 from thanos_deploy.errors import UserError
 
 ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:\s*(.*)$")
@@ -118,8 +121,6 @@ def trtexec_command(onnx: Path, plan: Path, profiles: dict[str, tuple], *, spars
 
 
 def onnx_inputs(path: Path) -> dict[str, list]:
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     initializers = {i.name for i in model.graph.initializer}
     return {
@@ -129,8 +130,6 @@ def onnx_inputs(path: Path) -> dict[str, list]:
 
 
 def onnx_is_fp16(path: Path) -> bool:
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     return any(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in model.graph.output)
 
@@ -196,3 +195,13 @@ def build_engine(onnx_path: Path, plan_path: Path, *, sparse: bool = True, shape
     }
     plan_path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def build_engine_from(source: str | Path, out: Path, *, sparse: bool = True, shapes: str | None = None, workspace_mib: int = 4096,
+                      overwrite: bool = False) -> dict:
+    """`build-engine`: check the ONNX path, the shapes and the output before TensorRT is needed, then build."""
+    path = onnx_file(source)
+    parse_shapes(shapes)
+    check_output(out, overwrite)
+    require_tensorrt()
+    return build_engine(path, out, sparse=sparse, shapes=shapes, workspace_mib=workspace_mib)

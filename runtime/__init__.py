@@ -10,6 +10,52 @@ ONNX folder with ONNX Runtime, `tensorrt` a serialized engine (.plan). Imports a
 ONNX Runtime and TensorRT packages are needed only by their own backend.
 """
 
-from .base import Backend, open_backend
+import time
+from pathlib import Path
 
-__all__ = ["Backend", "open_backend"]
+import torch
+from transformers import AutoTokenizer
+
+from thanos_deploy.errors import UserError, at_least
+from thanos_deploy.loading import pick_device
+
+from .base import Backend
+from .ort import OrtBackend
+from .tensorrt import TensorRTBackend
+from .torch_backend import TorchBackend
+
+BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend, "ort": OrtBackend, "tensorrt": TensorRTBackend}
+
+
+def open_backend(kind: str, target: str, **options) -> Backend:
+    """The backend `kind` opened on `target` (a checkpoint, an ONNX folder or a .plan)."""
+    if kind not in BACKENDS:
+        raise UserError(f"unknown backend '{kind}': choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[kind](target, **options)
+
+
+
+def generate(kind: str, target: str, prompt: str, max_new_tokens: int = 32, *, device: str = "auto", provider: str = "cpu",
+             tokenizer_path: str | None = None) -> dict:
+    """Greedy generation from `prompt` on any backend: the continuation, its token count and seconds.
+    The tokenizer is the backend's (torch), or the one next to the model, or `tokenizer_path`."""
+    at_least(1, max_new_tokens=max_new_tokens)
+    options = {"device": pick_device(device).type} if kind == "torch" else {"provider": provider} if kind == "ort" else {}
+    runner = open_backend(kind, target, **options)
+    tokenizer = getattr(runner, "tokenizer", None)
+    if tokenizer is None:
+        where = tokenizer_path or (Path(target).parent if Path(target).is_file() else target)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+        except (OSError, ValueError):
+            raise UserError(f"no tokenizer found in '{where}': pass --tokenizer FOLDER") from None
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    if ids.numel() == 0:
+        raise UserError("--prompt is empty: give some text to continue")
+    started = time.perf_counter()
+    out = runner.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    return {"prompt": prompt, "text": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True),
+            "tokens": int(out.shape[1] - ids.shape[1]), "seconds": time.perf_counter() - started}
+
+
+__all__ = ["BACKENDS", "Backend", "generate", "open_backend"]

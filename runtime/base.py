@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from thanos_deploy.errors import UserError
-
-BACKENDS = ("torch", "ort", "tensorrt")
-
 
 class Backend:
     """Subclasses implement `step(input_ids, attention_mask, position_ids, state) -> (logits, state)`,
@@ -51,19 +47,3 @@ class Backend:
                 break
             logits, state = self.decode(next_ids, state)
         return ids
-
-
-def open_backend(kind: str, target: str, **options) -> Backend:
-    if kind == "torch":
-        from .torch_backend import TorchBackend
-
-        return TorchBackend(target, **options)
-    if kind == "ort":
-        from .ort import OrtBackend
-
-        return OrtBackend(target, **options)
-    if kind == "tensorrt":
-        from .tensorrt import TensorRTBackend
-
-        return TensorRTBackend(target, **options)
-    raise UserError(f"unknown backend '{kind}': choose one of {', '.join(BACKENDS)}")

@@ -8,20 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from thanos_deploy.checkpoint import onnx_file
 from thanos_deploy.errors import UserError
 
 from .base import Backend
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-
-
-def onnx_path(target: str | Path) -> Path:
-    path = Path(target)
-    if path.is_dir():
-        path = path / "model.onnx"
-    if not path.is_file():
-        raise UserError(f"'{target}' is not an ONNX model or a folder with model.onnx: run 'thanos-deploy export onnx' first")
-    return path
 
 
 def create_session(path: Path, provider: str = "cpu", provider_options: dict | None = None):
@@ -58,7 +50,7 @@ def create_session(path: Path, provider: str = "cpu", provider_options: dict | N
 
 class OrtBackend(Backend):
     def __init__(self, target: str, *, provider: str = "cpu", provider_options: dict | None = None):
-        self.path = onnx_path(target)
+        self.path = onnx_file(target)
         self.session = create_session(self.path, provider, provider_options)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]

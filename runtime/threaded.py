@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thanos_deploy.compact.linear import CompactLinear
+
 MAX_ROWS = 16  # more rows are left to MKL, which threads them itself (at 64 the split lost on some shapes)
 MIN_WEIGHT = 32768  # elements; below this the split's own cost (a few µs) is more than it saves
 
@@ -48,8 +50,6 @@ def use_every_thread(model: nn.Module) -> int:
 
     Plain nn.Linear modules become ThreadedLinear (a subclass: nothing else changes); compact
     modules take threaded_linear as their product."""
-    from thanos_deploy.compact.linear import CompactLinear
-
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:

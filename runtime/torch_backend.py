@@ -7,6 +7,9 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers import DynamicCache
+
+from thanos_deploy.loading import load
 
 from .base import Backend
 from .threaded import use_every_thread
@@ -14,8 +17,6 @@ from .threaded import use_every_thread
 
 class TorchBackend(Backend):
     def __init__(self, target: str, *, device: str = "cpu", dtype: str = "auto"):
-        from thanos_deploy import load
-
         self.model, self.tokenizer = load(target, device=device, dtype=dtype)
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -24,8 +25,6 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, position_ids, state):
-        from transformers import DynamicCache
-
         cache = state if state is not None else DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),

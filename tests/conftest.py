@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from thanos_deploy import models
+from thanos_deploy import loading
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
 
@@ -57,7 +57,7 @@ def random_ids(n: int, seqlen: int, vocab: int = 256, seed: int = 0) -> torch.Te
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     """The converted SmolLM2-135M folder (converted once into the user cache)."""
-    return Path(models.resolve(models.SMOLLM2_ALIAS))
+    return Path(loading.resolve(loading.SMOLLM2_ALIAS))
 
 
 @pytest.fixture(scope="session")

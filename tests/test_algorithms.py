@@ -11,7 +11,7 @@ from thanos_deploy.errors import UserError
 from thanos_deploy.methods import get_method, sparsegpt, thanos
 from thanos_deploy.methods.hessian import inverse_cholesky, trailing_inverse
 from thanos_deploy.patterns import parse_pattern
-from thanos_deploy.stats import Stats
+from thanos_deploy.pipeline.stats import Stats
 
 from .conftest import random_ids, tiny_model
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from thanos_deploy import checkpoint, compress_model, models
-from thanos_deploy.bench_plan import DEFAULT_PLAN, parse_plan
-from thanos_deploy.benchmark import percentile, schedule, speedup, summarize
-from thanos_deploy.compact import pack_model
+from thanos_deploy import checkpoint, compress_model, loading
+from thanos_deploy.bench.plan import DEFAULT_PLAN, parse_plan
+from thanos_deploy.bench.timing import percentile, schedule, speedup, summarize
+from thanos_deploy.compact.pack import pack_model
 from thanos_deploy.errors import UserError
 from thanos_deploy.patterns import parse_pattern
 from thanos_deploy.evaluate import backend_perplexity, perplexity
-from thanos_deploy.plots import pareto_front
+from thanos_deploy.bench.plots import pareto_front
 from thanos_deploy.runtime import open_backend
 
 from .conftest import random_ids, run_cli, start_cli, tiny_model
@@ -119,7 +119,7 @@ def test_plan_adds_dense_and_rejects_bad_lines():
 
 
 def _packed_candidate(tiny_folder, out, save_dtype=None):
-    net, tokenizer = models.load(str(tiny_folder))
+    net, tokenizer = loading.load(str(tiny_folder))
     report = compress_model(net, random_ids(4, 32, vocab=200), method="magnitude", pattern="2:4")
     if save_dtype is not None:
         net.to(save_dtype)
@@ -239,7 +239,7 @@ except (ImportError, OSError):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: run by bench/gpu_checks.sh on a GPU machine")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: run by bench/studies/gpu_checks.sh on a GPU machine")
 def test_bench_cuda_reports_the_semi_structured_linears(tmp_path, tiny_folder):
     packed = _packed_candidate(tiny_folder, tmp_path / "packed", save_dtype=torch.float16)
     out = tmp_path / "bench"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from thanos_deploy import compress_model, models
-from thanos_deploy.cli import _device, default_out
+from thanos_deploy.loading import pick_device
+from thanos_deploy.oneshot import default_out
 from thanos_deploy.errors import UserError
 from thanos_deploy.targets import matches, select
 
@@ -60,7 +61,7 @@ def test_default_out_never_overwrites(tmp_path, monkeypatch):
 
 
 def test_device_auto():
-    assert _device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.slow

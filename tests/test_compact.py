@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from thanos_deploy import checkpoint, compress_model, load, models
-from thanos_deploy.compact import CompactLinear, pack_model, shrink_model
-from thanos_deploy.compact.packing import pack, unpack
+from thanos_deploy.compact.linear import CompactLinear
+from thanos_deploy.compact.pack import pack_model
+from thanos_deploy.compact.shrink import shrink_model
+from thanos_deploy.compact.pack import pack, unpack
 from thanos_deploy.errors import UserError
-from thanos_deploy.inspect import inspect_model
+from thanos_deploy.inspection import inspect_model
 from thanos_deploy.patterns import parse_pattern
 
 from .conftest import random_ids, run_cli, tiny_model

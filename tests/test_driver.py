@@ -7,7 +7,7 @@ import torch
 
 from thanos_deploy import compress_model, models
 from thanos_deploy.errors import UserError
-from thanos_deploy.stats import InputStats, Stats
+from thanos_deploy.pipeline.stats import InputStats, Stats
 
 from .conftest import random_ids, tiny_model
 

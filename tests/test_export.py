@@ -141,7 +141,7 @@ def test_fp16_export_runs_in_ort(tmp_path):
 
 @pytest.mark.parametrize("exporter", ["auto", "legacy"])
 def test_shrunk_model_exports_with_smaller_initializers(tmp_path, exporter):
-    from thanos_deploy.compact import shrink_model
+    from thanos_deploy.compact.shrink import shrink_model
 
     past = exporter == "auto"  # the legacy exporter is the fallback for graphs without a cache
     dense = tiny_model()
@@ -172,7 +172,7 @@ def gathers_along_axis_1(folder) -> list[str]:
 
 
 def test_packed_model_with_outlier_rows_exports(tmp_path):
-    from thanos_deploy.compact import pack_model
+    from thanos_deploy.compact.pack import pack_model
 
     model = tiny_model()
     compress_model(model, random_ids(4, 32), method="thanos", pattern="2:4", alpha=0.1)

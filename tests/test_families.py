@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from thanos_deploy import checkpoint, compress_model, load, models
-from thanos_deploy.compact import shrink_model
+from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.compact.linear import CompactLinear
 from thanos_deploy.compact.plain import plain_config
 from thanos_deploy.errors import UserError
 from thanos_deploy.evaluate import perplexity
-from thanos_deploy.inspect import inspect_model
+from thanos_deploy.inspection import inspect_model
 
 from .conftest import random_ids, tiny_model
 

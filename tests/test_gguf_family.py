@@ -5,7 +5,7 @@ import gguf
 import pytest
 import torch
 
-from thanos_deploy import compress_model, models
+from thanos_deploy import compress_model, loading
 
 from .conftest import random_ids, tiny_model
 
@@ -43,8 +43,8 @@ def test_qwen2_gguf_loads_converts_and_prunes(tmp_path, monkeypatch):
     monkeypatch.setenv("THANOS_DEPLOY_CACHE", str(tmp_path / "cache"))
     original = tiny_model("qwen2", vocab_size=49152, tie_word_embeddings=False)
     path = tmp_path / "tiny-qwen2.gguf"
-    write_gguf(original, path, models._smollm2_gguf())
-    model, tokenizer = models.load(str(path))
+    write_gguf(original, path, loading._smollm2_gguf())
+    model, tokenizer = loading.load(str(path))
     assert model.config.model_type == "qwen2" and tokenizer is not None
     ids = torch.tensor([tokenizer("It is a truth universally acknowledged")["input_ids"]])
     with torch.no_grad():

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from thanos_deploy import checkpoint, compress_model, data, models
-from thanos_deploy.compact import shrink_model
+from thanos_deploy import checkpoint, compress_model, data, loading
+from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.compact.plain import plain_config
 
 from .conftest import random_ids, run_cli, tiny_model
@@ -26,7 +26,7 @@ assert not any(name.startswith("thanos_deploy") for name in sys.modules), "thano
 
 @pytest.mark.slow
 def test_mlp_only_shrunk_smollm2_loads_in_stock_transformers(tmp_path):
-    model, tokenizer = models.load(models.SMOLLM2_ALIAS)
+    model, tokenizer = loading.load(loading.SMOLLM2_ALIAS)
     calib = data.calibration_tokens("austen", tokenizer, nsamples=2, seqlen=128, seed=0)
     ids = data.windows(data.evaluation_tokens("austen", tokenizer), 128, 1)
     compress_model(model, calib, method="thanos", pattern="structured:0.3", alpha=0.0, targets=["down_proj"])

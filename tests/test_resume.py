@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from thanos_deploy import activations, offload
+from thanos_deploy.pipeline import activations, offload
 
 from .conftest import random_ids, run_cli, start_cli, tiny_model
 
@@ -136,7 +136,7 @@ PEAK = (
     "    print('VmHWM', next(l.split()[1] for l in status if l.startswith('VmHWM:')), file=sys.stderr)\n"
     "atexit.register(hwm)\n"
     "sys.argv = ['thanos-deploy'] + sys.argv[1:]\n"
-    "main()\n"
+    "sys.exit(main())\n"
 )
 
 
@@ -166,7 +166,7 @@ def test_offload_peak_memory_is_below_the_in_memory_run_by_the_model_size(tmp_pa
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: run by bench/gpu_checks.sh on a GPU machine")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: run by bench/studies/gpu_checks.sh on a GPU machine")
 def test_offload_on_cuda_gives_the_bytes_of_the_in_memory_cuda_run(job, tmp_path):
     """One layer at a time on the GPU, read from the shards: the same bytes as the model held in memory."""
     args, _ = job

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from thanos_deploy import checkpoint, compress_model, data, models
+from thanos_deploy import checkpoint, compress_model, data, loading, models
 from thanos_deploy.compact.linear import CompactLinear
 from thanos_deploy.evaluate import perplexity
 
@@ -17,7 +17,7 @@ EVAL_WINDOWS, EVAL_SEQLEN = 4, 512
 
 @pytest.fixture(scope="module")
 def setup():
-    model, tokenizer = models.load(models.SMOLLM2_ALIAS)
+    model, tokenizer = loading.load(loading.SMOLLM2_ALIAS)
     ids = data.calibration_tokens("austen", tokenizer, **CALIB)
     windows = data.windows(data.evaluation_tokens("austen", tokenizer), EVAL_SEQLEN, EVAL_WINDOWS)
     dense = perplexity(model, windows)["perplexity"]
@@ -88,7 +88,7 @@ def thanos_structured(setup):
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
 def test_shrunk_model_matches_masked_model(setup, thanos_structured, alpha, tmp_path):
     from thanos_deploy import load
-    from thanos_deploy.compact import shrink_model
+    from thanos_deploy.compact.shrink import shrink_model
 
     model, tokenizer, ids, windows, _ = setup
     masked_model = thanos_structured(alpha)
@@ -131,7 +131,7 @@ def test_shrunk_model_matches_masked_model(setup, thanos_structured, alpha, tmp_
 
 
 def test_packed_2of4_checkpoint_size(wanda_2of4, tmp_path):
-    from thanos_deploy.compact import pack_model
+    from thanos_deploy.compact.pack import pack_model
     from thanos_deploy.patterns import parse_pattern
 
     pruned, _, _ = wanda_2of4
@@ -152,7 +152,7 @@ def test_packed_2of4_checkpoint_size(wanda_2of4, tmp_path):
 
 @pytest.fixture(scope="module")
 def shrunk_structured(thanos_structured):
-    from thanos_deploy.compact import shrink_model
+    from thanos_deploy.compact.shrink import shrink_model
 
     pruned = copy.deepcopy(thanos_structured(0.1))
     shrink_model(pruned, alpha=0.1)

@@ -7,7 +7,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from thanos_deploy import compress_model
-from thanos_deploy.compact import CompactLinear, shrink_model
+from thanos_deploy.compact.linear import CompactLinear
+from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.runtime import open_backend
 from thanos_deploy.runtime.threaded import MAX_ROWS, MIN_WEIGHT, ThreadedLinear, threaded_linear, use_every_thread
 

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 from .errors import UserError
+from .loading import cache_dir
 
 # First line of each book -> name used here.
 TITLES = {
@@ -35,8 +36,6 @@ SEARCH = [
 
 def find_database() -> Path:
     """Rdata.rdb of the installed package, or of the copy `make` unpacks into the cache."""
-    from .models import cache_dir
-
     for root in [*SEARCH, cache_dir() / "janeaustenr" / "usr/lib/R/site-library"]:
         path = root / "janeaustenr" / "data" / "Rdata.rdb"
         if path.is_file():

@@ -8,7 +8,7 @@ A checkpoint is a Hugging Face folder (config.json, safetensors, tokenizer) plus
   plain transformers loads it too (compact/plain.py).
 - `shrunk` / `packed`: compact linears (compact/). Their shapes live in the manifest's `modules`
   (stock configs have one width per model); tensors are in `model.safetensors`, never pickles.
-  Packed N:M weights are stored as `<name>.values` + `<name>.meta` (compact/packing.py).
+  Packed N:M weights are stored as `<name>.values` + `<name>.meta` (compact/pack.py).
 
 The manifest records the sha256 of every safetensors file; `load` refuses a file that does not
 match, so a truncated or tampered checkpoint fails loudly instead of running garbage.
@@ -26,12 +26,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
+from .compact.linear import CompactLinear
+from .compact.pack import pack, unpack
 from .errors import UserError
 
 MANIFEST = "thanos_deploy.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # Hugging Face's map of tensor names to shard files
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
@@ -86,7 +93,7 @@ def replacing(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -104,16 +111,12 @@ def save(model: nn.Module, tokenizer, out: str | Path, manifest: dict, *, overwr
             _save_compact(model, manifest["modules"], tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+        files = {p.name: sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
     return Path(out)
 
 
 def _save_compact(model: nn.Module, modules: dict, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    from .compact.packing import pack
-
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied to the input embeddings, restored on load
@@ -123,6 +126,16 @@ def _save_compact(model: nn.Module, modules: dict, folder: Path) -> None:
             state[f"{name}.values"], state[f"{name}.meta"] = values, meta
     model.config.save_pretrained(folder)
     save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
+
+
+def onnx_file(target: str | Path) -> Path:
+    """model.onnx of an exported folder (or the file itself)."""
+    path = Path(target)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise UserError(f"'{target}' is not an ONNX model or a folder with model.onnx: run 'thanos-deploy export onnx' first")
+    return path
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -146,20 +159,16 @@ def verify_files(folder: Path, manifest: dict) -> None:
         path = folder / name
         if not path.is_file():
             raise UserError(f"checkpoint '{folder}' lacks {name}: it is incomplete, re-create it")
-        if _sha256(path) != digest:
+        if sha256(path) != digest:
             raise UserError(f"'{path}' does not match the hash in {MANIFEST}: the file is damaged or was modified; re-create the checkpoint")
 
 
 def load_pretrained(where, *, dtype="auto"):
     """Load any checkpoint: masked (plain transformers) or compact (shapes from the manifest)."""
-    from transformers import AutoModelForCausalLM
-
     folder = Path(where) if Path(str(where)).is_dir() else None
     manifest = read_manifest(folder) if folder else None
     if manifest is not None:
         verify_files(folder, manifest)
-    from safetensors import SafetensorError
-
     try:
         if manifest is None or manifest.get("storage", "masked") == "masked" or manifest.get("plain"):
             return AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
@@ -170,13 +179,6 @@ def load_pretrained(where, *, dtype="auto"):
 
 
 def _load_compact(folder: Path, manifest: dict, dtype) -> nn.Module:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    from .compact.packing import unpack
-
     config = AutoConfig.from_pretrained(folder)
     try:
         state = load_file(folder / WEIGHTS)
@@ -212,8 +214,6 @@ def _load_compact(folder: Path, manifest: dict, dtype) -> nn.Module:
 
 
 def _empty_module(spec: dict, dtype) -> nn.Module:
-    from .compact.linear import CompactLinear
-
     out, inp = spec["out_features"], spec["in_features"]
     bias = torch.empty(out, dtype=dtype) if spec.get("bias") else None
     if spec["kind"] == "linear":
@@ -237,8 +237,6 @@ def place(model: nn.Module, device) -> nn.Module:
     """Move a loaded model to `device`. Packed 2:4 linears get PyTorch's semi-structured sparse
     weights on CUDA with compute capability >= 8.0; elsewhere they stay dense-with-zeros (with a
     warning on other accelerators: CPU has no 2:4 kernels, that is expected)."""
-    from .compact.linear import CompactLinear
-
     device = torch.device(device)
     model.to(device)
     packed = [m for m in model.modules() if isinstance(m, CompactLinear) and getattr(m, "packed", None)]

@@ -14,7 +14,6 @@ grid of four runs.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -24,11 +23,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import benchmark, checkpoint, data, models
-from .driver import compress_model
-from .errors import UserError
+from . import checkpoint, data, loading, models
+from .bench import plots
+from .bench.report import markdown_table
+from .bench.timing import machine
+from .errors import UserError, at_least
 from .evaluate import perplexity
 from .methods import METHODS, get_method
+from .oneshot import fresh_copy, oneshot
 from .patterns import parse_pattern
 from .targets import select
 
@@ -155,7 +157,7 @@ def compare(
     eval_data: str = "austen",
     eval_seqlen: int = 512,
     eval_windows: int = 64,
-    device=None,
+    device: str | None = "auto",
     progress: bool = False,
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
@@ -173,11 +175,11 @@ def compare(
                 get_method(run.method).options(pattern, run.options)
             except UserError as e:
                 raise UserError(f"run '{run.label}' at {pattern}: {e}") from None
-    base, tokenizer = models.load(model)
-    select(base, targets, ignore)  # a pattern that matches nothing fails before any work
-    limit = getattr(base.config, "max_position_embeddings", None) or seqlen
-    ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=min(seqlen, limit), seed=seed)
-    windows = data.windows(data.evaluation_tokens(eval_data, tokenizer), min(eval_seqlen, limit), eval_windows)
+    device = loading.pick_device(device or "auto")
+    base, tokenizer = loading.load(model)
+    select(base, targets, ignore, pattern)  # a target that matches nothing, or a shape that does not fit, fails before any work
+    ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=models.context_length(base, seqlen), seed=seed)
+    windows = data.windows(data.evaluation_tokens(eval_data, tokenizer), models.context_length(base, eval_seqlen), eval_windows)
     results = []
     for i, run in enumerate(runs, 1):
         if on_run:
@@ -186,31 +188,50 @@ def compare(
             row = {"label": "dense", "method": "dense", "pattern": None, "options": {}, "sparsity": 0.0, "seconds": None,
                    "prune_seconds": None, **perplexity(base, windows, device=device)}
         else:
-            net = copy.deepcopy(base)
             t0 = time.perf_counter()
-            report = compress_model(net, ids, method=run.method, pattern=pattern, device=device, progress=progress,
-                                    targets=targets, ignore=ignore, **run.options)
+            pruned = oneshot(model, method=run.method, pattern=pattern, options=run.options, calib=calib, calib_ids=ids, seed=seed,
+                             device=device, targets=targets, ignore=ignore, loaded=fresh_copy((base, tokenizer)), progress=progress)
             seconds = time.perf_counter() - t0
             row = {
                 "label": run.label,
                 "method": run.method,
                 "pattern": str(pattern),
-                "options": report["options"],
-                "sparsity": report["sparsity"],
+                "options": pruned.report["options"],
+                "sparsity": pruned.report["sparsity"],
                 "seconds": round(seconds, 2),
-                "prune_seconds": report["seconds"]["prune"],
-                **perplexity(net, windows, device=device),
+                "prune_seconds": pruned.report["seconds"]["prune"],
+                **perplexity(pruned.model, windows, device=device),
             }
-            del net
+            del pruned
         results.append(row)
         if on_result:
             on_result(row)
     return results
 
 
+def sweep(model: str, methods: str, pattern, *, out: Path | None = None, overwrite: bool = False, command: str = "",
+          calib: str = "austen", nsamples: int = 64, seqlen: int = 512, seed: int = 0, eval_data: str = "austen",
+          eval_seqlen: int = 512, eval_windows: int = 64, device: str = "auto", targets=None, ignore=None, **hooks) -> list[dict]:
+    """`compare`: the runs `methods` names (grids, @FILE), checked with the protocol and the output
+    before any work, compared; with `out`, compare.json, .md and .png written there."""
+    runs = parse_methods(methods)
+    pattern = parse_pattern(pattern)
+    at_least(1, nsamples=nsamples, seqlen=seqlen, eval_seqlen=eval_seqlen)
+    if out is not None:
+        checkpoint.check_output(out, overwrite)
+    dev = loading.pick_device(device)
+    protocol = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, eval_data=eval_data, eval_seqlen=eval_seqlen, eval_windows=eval_windows)
+    started = time.perf_counter()
+    rows = compare(model, runs, pattern, device=dev, targets=targets, ignore=ignore, **protocol, **hooks)
+    if out is not None:
+        write(document(rows, {"model": model, "pattern": str(pattern), **protocol, "device": dev.type, "targets": targets, "ignore": ignore},
+                       command=command, seconds=time.perf_counter() - started), out, overwrite)
+    return rows
+
+
 def document(rows: list[dict], protocol: dict, *, command: str, seconds: float) -> dict:
     """What a sweep writes as JSON: its rows, the protocol that produced them, the machine and command."""
-    return {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": benchmark.machine(),
+    return {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
             "protocol": protocol, "seconds": round(seconds, 1), "rows": rows}
 
 
@@ -241,10 +262,8 @@ def describe(result: dict) -> str:
 
 def write(result: dict, out: Path, overwrite: bool = False) -> None:
     """compare.json, compare.md and compare.png in `out`, built in a temporary folder renamed at the end."""
-    from . import plots
-
     header, cells = table(result["rows"])
     with checkpoint.staged(out, overwrite) as tmp:
         (tmp / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / "compare.md").write_text("\n".join([describe(result), "", *benchmark.markdown_table(header, cells)]) + "\n")
+        (tmp / "compare.md").write_text("\n".join([describe(result), "", *markdown_table(header, cells)]) + "\n")
         plots.tradeoffs(result["rows"], tmp / "compare.png", f"{result['protocol']['model']} · {result['protocol']['pattern']}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from . import austen, hub
 from .errors import UserError
@@ -40,9 +41,14 @@ def _file_text(path: Path, what: str) -> str:
                 continue
             try:
                 record = json.loads(line)
-                texts.append(record["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{what} file '{path}' line {number}: expected a JSON object with a \"text\" field") from None
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or "text" not in record:
+                raise UserError(f"{what} file '{path}' line {number}: expected a JSON object with a \"text\" field")
+            if not isinstance(record["text"], str):
+                raise UserError(f"{what} file '{path}' line {number}: \"text\" is {json.dumps(record['text'])[:40]}, not a string: "
+                                "write the text as a JSON string")
+            texts.append(record["text"])
         text = "\n\n".join(texts)
     elif path.suffix in (".txt", ".md", ""):
         text = decoded
@@ -99,8 +105,10 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 # token windows
 
 
-def calibration_tokens(source: str, tokenizer, *, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
-    """`nsamples` random windows of `seqlen` tokens, [nsamples, seqlen].
+def calibration_tokens(source: str, tokenizer, *, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+                       docs: list[str] | None = None) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens, [nsamples, seqlen], from the documents of
+    `source` (`docs` when the caller has read and checked them already).
 
     Like the official code: pick a random document longer than a window (c4 has many; the other
     sources are one stream), then a random offset in it.
@@ -109,7 +117,7 @@ def calibration_tokens(source: str, tokenizer, *, nsamples: int = 128, seqlen: i
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
     if seqlen < 2:
         raise UserError(f"--seqlen must be at least 2, got {seqlen}")
-    docs = documents(source, "calibration")
+    docs = documents(source, "calibration") if docs is None else docs
     rng = random.Random(seed)
     if len(docs) == 1:
         stream = tokenize(tokenizer, docs[0])
@@ -159,8 +167,6 @@ def load_token_file(path: str | Path) -> torch.Tensor:
         elif path.suffix == ".npy":
             obj = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             obj = load_file(path)
         else:
             raise UserError(f"token file '{path}': use .pt, .npy or .safetensors")

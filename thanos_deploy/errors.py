@@ -6,3 +6,10 @@ class UserError(Exception):
 
     The message names the problem and the fix; it never needs a traceback to be understood.
     """
+
+
+def at_least(minimum: int, **values: int) -> None:
+    """Counts given on the command line (window lengths, token budgets) must be at least `minimum`."""
+    for name, value in values.items():
+        if value < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}: pass a larger value")

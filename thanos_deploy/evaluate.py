@@ -7,7 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .driver import batch_size
+from . import data, loading, models
+from .errors import UserError, at_least
+from .pipeline.sequential import batch_size
 
 
 @torch.no_grad()
@@ -25,6 +27,22 @@ def perplexity(model, windows: torch.Tensor, *, device=None, batch_tokens: int =
     finally:
         model.to(home)
     return _result(nll, count, windows)
+
+
+def evaluate(model, tokenizer, source: str, seqlen: int, max_windows: int, device=None) -> dict:
+    """Perplexity on the evaluation split of `source` (windows capped at the model's context)."""
+    windows = data.windows(data.evaluation_tokens(source, tokenizer), models.context_length(model, seqlen), max_windows)
+    return {"data": source, **perplexity(model, windows, device=device)}
+
+
+def evaluate_model(model: str, source: str = "austen", seqlen: int = 512, max_windows: int = 0, *, device="auto", dtype: str = "auto") -> dict:
+    """`eval`: load any model or checkpoint and measure its perplexity (max_windows 0: every window)."""
+    if max_windows < 0:
+        raise UserError(f"--max-windows must be 0 (all) or positive, got {max_windows}")
+    at_least(1, seqlen=seqlen)
+    dev = loading.pick_device(device)
+    net, tokenizer = loading.load(model, dtype=dtype)
+    return {"model": model, **evaluate(net, tokenizer, source, seqlen, max_windows, dev)}
 
 
 def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:

@@ -11,11 +11,11 @@ import os
 import socket
 from urllib.parse import urlparse
 
+from huggingface_hub import constants
+
 
 def reachable(timeout: float = 5.0) -> bool:
     """Whether the hub endpoint accepts a connection; if not, put huggingface_hub offline."""
-    from huggingface_hub import constants
-
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()

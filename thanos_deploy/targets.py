@@ -16,6 +16,7 @@ from torch import nn
 
 from . import models
 from .errors import UserError
+from .patterns import Pattern, check_shape
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -35,8 +36,10 @@ def _check(patterns: list[str], flag: str) -> None:
                 raise UserError(f"{flag} '{pattern}' is not a valid regular expression ({e})") from None
 
 
-def select(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None) -> list[dict[str, nn.Linear]]:
-    """Per decoder layer, the linears to prune (names relative to the layer), in layer order."""
+def select(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None,
+           pattern: Pattern | None = None) -> list[dict[str, nn.Linear]]:
+    """Per decoder layer, the linears to prune (names relative to the layer), in layer order; with
+    `pattern`, each of them is checked to fit it (before any work)."""
     targets, ignore = list(targets or []), list(ignore or [])
     _check(targets, "--targets")
     _check(ignore, "--ignore")
@@ -51,6 +54,8 @@ def select(model: nn.Module, targets: list[str] | None = None, ignore: list[str]
             hit_ignore = [p for p in ignore if matches(p, full)]
             used.update(hit_target, hit_ignore)
             if (hit_target or not targets) and not hit_ignore:
+                if pattern is not None:
+                    check_shape(pattern, f"layers.{i}.{name}", linear.in_features)
                 picked[name] = linear
         chosen.append(picked)
     for flag, patterns in (("--targets", targets), ("--ignore", ignore)):

@@ -1,7 +1,3 @@
-"""Turning zeros into savings: shrunk (columns removed) and packed (N:M values + metadata) linears."""
-
-from .linear import CompactLinear
-from .pack import pack_model
-from .shrink import shrink_model
-
-__all__ = ["CompactLinear", "pack_model", "shrink_model"]
+"""Turning zeros into savings: CompactLinear (linear.py), structured columns removed (shrink.py),
+N:M rows packed as values + positions (pack.py), and the plain Hugging Face form where every MLP
+is narrowed alike (plain.py)."""

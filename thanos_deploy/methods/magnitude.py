@@ -8,7 +8,7 @@ smallest mean |W|. No calibration data is used.
 import torch
 
 from ..patterns import Pattern, mask_for
-from ..stats import Stats
+from ..pipeline.stats import Stats
 
 
 def prune(weight: torch.Tensor, stats: Stats, pattern: Pattern) -> torch.Tensor:

@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..patterns import NM, Pattern, Structured, n_of_m, smallest
-from ..stats import Stats
+from ..pipeline.stats import Stats
 from .hessian import check_options as configure  # noqa: F401  (the registry calls sparsegpt.configure)
 from .hessian import dead_columns, inverse_cholesky
 

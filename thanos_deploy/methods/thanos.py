@@ -31,7 +31,7 @@ import torch
 
 from ..errors import UserError
 from ..patterns import NM, Pattern, Structured, Unstructured, n_of_m, smallest
-from ..stats import Stats
+from ..pipeline.stats import Stats
 from .hessian import check_options, dead_columns, inverse_cholesky, outlier_rows, trailing_inverse
 
 

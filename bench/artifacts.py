@@ -1,0 +1,174 @@
+"""What `bench` can measure: the artifacts this tool writes, how each runs on each backend, and the
+facts reported next to its speed (bytes, FLOP bound, pruning time, what actually ran sparse).
+
+checkpoint (masked, shrunk or packed folder)  → torch; ort after an ONNX export; tensorrt after
+                                                an fp16 export and an engine build
+ONNX folder or model.onnx                     → ort; tensorrt after an engine build
+TensorRT plan (.plan)                         → tensorrt
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from thanos_deploy import checkpoint, loading
+from thanos_deploy.compact.linear import CompactLinear
+from thanos_deploy.errors import UserError
+from thanos_deploy.exporters.onnx import write_artifact
+from thanos_deploy.exporters.tensorrt import build_engine, require_tensorrt
+from thanos_deploy.inspection import inspect_model
+from thanos_deploy.runtime import BACKENDS
+
+NATIVE = {"checkpoint": "torch", "onnx": "ort", "plan": "tensorrt"}
+
+
+@dataclass
+class Artifact:
+    label: str
+    path: Path
+    kind: str  # checkpoint | onnx | plan
+    manifest: dict | None = field(default=None, repr=False)
+
+    @property
+    def config_folder(self) -> Path | None:
+        """The folder with config.json: the checkpoint or ONNX folder, or the plan's ONNX folder."""
+        if self.kind == "plan":
+            report = self.path.with_suffix(".json")
+            if not report.is_file():
+                return None
+            return Path(json.loads(report.read_text())["onnx"]).parent
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def vocab(self) -> int | None:
+        folder = self.config_folder
+        config = folder / "config.json" if folder else None
+        return json.loads(config.read_text()).get("vocab_size") if config and config.is_file() else None
+
+
+def identify(spec: str, label: str | None = None) -> Artifact:
+    """An artifact from a path (or the smollm2-135m alias), or one error line saying what to pass."""
+    path = Path(spec).expanduser()
+    if spec.lower() == loading.SMOLLM2_ALIAS:
+        path = Path(loading.resolve(spec))
+    if not path.exists():
+        raise UserError(f"artifact '{spec}' does not exist: pass a checkpoint folder, an ONNX folder (or model.onnx) or a TensorRT .plan")
+    name = label or (path.parent.name if path.name == "model.onnx" else path.stem if path.is_file() else path.name)
+    if path.is_file() and path.suffix == ".plan":
+        return Artifact(name, path, "plan")
+    if path.is_file() and path.suffix == ".onnx":
+        return Artifact(name, path, "onnx")
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return Artifact(name, path / "model.onnx", "onnx")
+    if path.is_dir() and (path / "config.json").is_file():
+        return Artifact(name, path, "checkpoint", checkpoint.read_manifest(path))
+    raise UserError(f"'{spec}' is not an artifact of this tool: pass a checkpoint folder, an ONNX folder (or model.onnx) or a TensorRT .plan")
+
+
+def check_backend(backend: str, device: str) -> None:
+    """Fail before any work when a requested backend cannot run here."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if backend == "ort":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise UserError("--backend ort needs ONNX Runtime: pip install 'thanos-deploy[cpu]' (or [gpu])") from None
+    if backend == "tensorrt":
+        require_tensorrt()
+        if not torch.cuda.is_available():
+            raise UserError("--backend tensorrt needs an NVIDIA GPU with CUDA: none is visible here")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
+def check_route(artifact: Artifact, backend: str) -> None:
+    if artifact.kind == "plan" and backend != "tensorrt":
+        raise UserError(f"'{artifact.path}' is a TensorRT plan: it runs only with --backend tensorrt")
+    if artifact.kind == "onnx" and backend == "torch":
+        raise UserError(f"'{artifact.path}' is an ONNX model: use --backend ort or tensorrt, or pass the checkpoint it came from")
+
+
+def prepare(artifact: Artifact, backend: str, workdir: Path, device: str) -> Path:
+    """The file or folder `backend` opens for `artifact`, exporting or building into `workdir` if needed."""
+    check_route(artifact, backend)
+    if NATIVE[artifact.kind] == backend:
+        return artifact.path
+    onnx = artifact.path
+    if artifact.kind == "checkpoint":
+        net, tokenizer = loading.load(str(artifact.path))
+        dtype = "fp16" if backend == "tensorrt" or device == "cuda" else "fp32"
+        onnx = workdir / f"{artifact.label}-{dtype}-onnx"
+        write_artifact(net, tokenizer, onnx, dtype=dtype, with_past=True)
+        if backend == "ort":
+            return onnx
+        onnx = onnx / "model.onnx"
+    plan = workdir / f"{artifact.label}.plan"
+    build_engine(onnx, plan, sparse=True)
+    return plan
+
+
+def backend_options(backend: str, device: str, dtype: str) -> dict:
+    if backend == "torch":
+        return {"device": device, "dtype": dtype}
+    if backend == "ort":
+        return {"provider": "cuda" if device == "cuda" else "cpu"}
+    return {}
+
+
+def bytes_on_disk(target: Path) -> int:
+    """Weights as the backend reads them: safetensors files, model.onnx + external data, the plan."""
+    onnx = target / "model.onnx" if target.is_dir() else target
+    if onnx.is_file() and onnx.suffix in (".onnx", ".plan"):
+        return sum(p.stat().st_size for p in onnx.parent.glob(onnx.name + "*") if p.suffix in (".onnx", ".data", ".plan"))
+    return sum(p.stat().st_size for p in target.glob("*.safetensors"))
+
+
+def linear_macs(model, sparse_kernels: bool) -> float:
+    """Multiply-adds per token of every linear the model runs (decoder linears as stored, LM head
+    dense); attention scores excluded. Packed N:M counts its kept values only where sparse
+    kernels run it; elsewhere its zeros are multiplied like any other value."""
+    rows = inspect_model(model, None)["rows"]
+    head = model.get_output_embeddings()
+    ran = lambda r: r["flops_vs_dense"] if sparse_kernels or not r["storage"].startswith("packed") else 1.0  # noqa: E731
+    return sum(ran(r) * r["shape"][0] * r["shape"][1] for r in rows) + head.in_features * head.out_features
+
+
+def what_ran(artifact: Artifact, backend: str, device: str, runner, target: Path) -> tuple[str, bool]:
+    """(one line saying which kernels produced the number, whether sparse kernels ran): never a
+    speed-up without its cause."""
+    storage = (artifact.manifest or {}).get("storage", "masked")
+    pattern = (artifact.manifest or {}).get("pattern")
+    if backend == "torch":
+        packed = [m for m in runner.model.modules() if isinstance(m, CompactLinear) and m.packed]
+        sparse = sum(type(m.weight.data) is not torch.Tensor for m in packed)
+        if sparse:
+            return f"torch {device}: semi-structured 2:4 kernels in {sparse}/{len(packed)} packed linears", True
+        if packed:
+            return f"torch {device}: {pattern} packed, run dense (no sparse kernels on {device}: expect 1.0×)", False
+        if storage == "shrunk":
+            return f"torch {device}: smaller dense matmuls ({pattern} columns removed)", False
+        return f"torch {device}: dense matmuls" + (f" ({pattern} zeros multiplied)" if pattern else ""), False
+    if backend == "ort":
+        report = target / "export_report.json" if target.is_dir() else target.parent / "export_report.json"
+        two_four = json.loads(report.read_text()).get("two_four") if report.is_file() else None
+        note = f"; {two_four['two_four_along_k']}/{two_four['weights']} weights 2:4 along K, run dense" if two_four and two_four["two_four_along_k"] else ""
+        return f"ONNX Runtime {device}: dense MatMul kernels{note}", False
+    report = target.with_suffix(".json")
+    if not report.is_file():
+        return "TensorRT: no build report next to the plan, sparse tactics unknown", False
+    s = json.loads(report.read_text())["sparsity"]
+    names = ", ".join(s["picked_sparse"][:4]) + (" …" if len(s["picked_sparse"]) > 4 else "")
+    text = f"TensorRT: {len(s['picked_sparse'])}/{len(s['eligible'])} eligible layers picked a sparse tactic" + (f" ({names})" if names else "")
+    return text, bool(s["picked_sparse"])
+
+
+def pruning_seconds(artifact: Artifact) -> dict | None:
+    """Pruning time as the manifest recorded it (math alone, and the whole compress run)."""
+    seconds = (artifact.manifest or {}).get("seconds")
+    if not seconds:
+        return None
+    return {"prune": seconds.get("prune"), "total": seconds.get("command", seconds.get("total"))}

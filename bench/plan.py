@@ -1,0 +1,106 @@
+"""`bench MODEL --plan`: the runs to build from one model on one calibration set, then benchmark.
+
+A plan is `default` or a text file, one line per run or grid: `dense`, or a pattern and a method
+spec as `compare` takes it (options after colons, grids as `thanos:alpha=0|0.1`); `#` starts a
+comment. Pruned runs are stored the way that turns their zeros into savings: N:M packed,
+structured shrunk, unstructured masked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from thanos_deploy import data, loading, models
+from thanos_deploy.compare import Run, expand_grid, plan_lines
+from thanos_deploy.errors import UserError
+from thanos_deploy.methods import get_method
+from thanos_deploy.oneshot import fresh_copy, oneshot
+from thanos_deploy.patterns import parse_pattern
+from thanos_deploy.targets import select
+
+DEFAULT_PLAN = """\
+dense
+2:4             sparsegpt
+2:4             thanos:alpha=0
+structured:0.3  sparsegpt
+structured:0.3  thanos:alpha=0
+structured:0.3  thanos:alpha=0.1
+"""
+
+
+@dataclass(frozen=True)
+class PlanRun:
+    run: Run
+    pattern: str | None = None  # None for dense
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.pattern is None else f"{self.pattern} {self.run.label}"
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^\w.=-]+", "_", self.label)
+
+
+def parse_plan(text: str, where: str = "plan") -> list[PlanRun]:
+    """Runs in order, dense first (added when the plan lacks it); bad lines fail before any work."""
+    runs = []
+    for number, line in plan_lines(text):
+        words = line.split()
+        if words == ["dense"]:
+            runs.append(PlanRun(Run("dense")))
+            continue
+        if len(words) != 2:
+            raise UserError(f"{where} line {number}: '{line}' is not 'dense' or 'PATTERN METHOD[:key=value]', e.g. '2:4 thanos:alpha=0'")
+        pattern, grid = parse_pattern(words[0]), expand_grid(words[1])
+        if grid[0].method == "dense":
+            raise UserError(f"{where} line {number}: dense takes no pattern; write it alone on its line")
+        for run in grid:
+            get_method(run.method).options(pattern, run.options)
+            runs.append(PlanRun(run, str(pattern)))
+    if not any(r.pattern for r in runs):
+        raise UserError(f"{where} has no pruned run: add lines such as '2:4 thanos:alpha=0'")
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"{where} lists a run twice: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
+    dense = [r for r in runs if r.pattern is None]
+    return (dense or [PlanRun(Run("dense"))])[:1] + [r for r in runs if r.pattern]
+
+
+def read_plan(spec: str) -> list[PlanRun]:
+    if spec == "default":
+        return parse_plan(DEFAULT_PLAN, "the default plan")
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"plan '{spec}' does not exist: pass --plan default or a file with one run per line")
+    return parse_plan(path.read_text(), f"plan '{spec}'")
+
+
+def build(model: str, plan: list[PlanRun], workdir: Path, *, calib: str = "austen", calib_tokens: Path | None = None,
+          nsamples: int = 16, seqlen: int = 256, seed: int = 0, device="auto", on_run=None) -> dict[str, Path]:
+    """Prune a fresh copy of `model` for every run on the same calibration tokens and save it
+    compact under `workdir` (storage auto: N:M packed, structured shrunk); dense is the model's own
+    folder. Returns {label: folder}."""
+    base, tokenizer = loading.load(model)
+    if calib_tokens is not None:
+        ids = data.load_token_file(calib_tokens)
+    else:
+        ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=models.context_length(base, seqlen), seed=seed)
+    data.check_tokens(ids, base.config.vocab_size)
+    for run in plan:
+        if run.pattern:
+            select(base, pattern=parse_pattern(run.pattern))  # every plan's shapes fit before the first run starts
+    folders = {}
+    for run in plan:
+        if on_run:
+            on_run(run.label)
+        if run.pattern is None:
+            folders[run.label] = Path(loading.resolve(model))
+            continue
+        result = oneshot(model, workdir / run.folder, method=run.run.method, pattern=run.pattern, options=run.run.options, storage="auto",
+                         calib=calib, calib_tokens=calib_tokens, calib_ids=ids, seed=seed, device=device, loaded=fresh_copy((base, tokenizer)))
+        folders[run.label] = result.out
+        del result
+    return folders

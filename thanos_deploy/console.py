@@ -1,0 +1,122 @@
+"""Everything the commands show: one Rich console, the tables and the summary lines. The commands
+call the library and hand its results here; nothing in this module decides or computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from . import checkpoint
+
+console = Console()
+if not console.is_terminal:
+    console.width = 160  # logs and pipes: no wrapping of the tables
+
+
+def table(title: str, header: list[str], rows: list[list[str]], left: tuple[str, ...] = ("candidate", "method", "what ran")) -> Table:
+    """A Rich table of string cells; the columns named in `left` are left-aligned, numbers right."""
+    out = Table(title=title)
+    for col in header:
+        out.add_column(col, justify="left" if col in left else "right")
+    for row in rows:
+        out.add_row(*row)
+    return out
+
+
+def compress_report(report: dict, manifest: dict, out: Path) -> None:
+    """Per decoder layer: sparsity, reconstruction errors, seconds; warnings; totals; perplexity."""
+    rows = []
+    for layer in (r for r in report["layers"] if r["linears"]):  # layers --targets left alone have no row
+        errs = [e["relative_error"] for e in layer["linears"]]
+        zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in layer["linears"])
+        size = sum(e["shape"][0] * e["shape"][1] for e in layer["linears"])
+        secs = layer["seconds"]
+        rows.append([str(layer["index"]), f"{zeros / size:.3f}", f"{sum(errs) / len(errs):.4f}", f"{max(errs):.4f}",
+                     f"{secs['prune']:.2f}", f"{sum(secs.values()):.2f}"])
+    console.print(table(f"{report['method']} {report['pattern']}", ["layer", "sparsity", "mean rel. error", "max rel. error", "prune s", "total s"], rows))
+    warned = [w for layer in report["layers"] for e in layer["linears"] for w in e.get("warnings", [])]
+    for w in warned[:5]:
+        console.print(f"warning: {w}", style="yellow", highlight=False)
+    if len(warned) > 5:
+        console.print(f"warning: {len(warned) - 5} more in {checkpoint.MANIFEST} (layers[].linears[].warnings)", style="yellow")
+    s = report["seconds"]
+    console.print(
+        f"sparsity {report['sparsity']:.4f} of the decoder linears · {s['total']:.1f} s "
+        f"(statistics {s['statistics']:.1f}, pruning math {s['prune']:.1f}, forward {s['forward']:.1f})"
+    )
+    if evaluation := manifest.get("evaluation"):
+        d, p = evaluation["dense"], evaluation["pruned"]
+        console.print(
+            f"perplexity on {d['data']} ({d['windows']}×{d['seqlen']} tokens): dense {d['perplexity']:.3f} → "
+            f"pruned {p['perplexity']:.3f} ({p['perplexity'] / d['perplexity']:.2f}×)"
+        )
+    plain_note(manifest)
+    console.print(f"saved to {out}")
+
+
+def plain_note(manifest: dict) -> None:
+    if plain := manifest.get("plain"):
+        (field, (old, new)), = plain.items()
+        console.print(f"plain Hugging Face checkpoint: every MLP narrowed alike, config {field} {old} → {new}; "
+                      "stock transformers loads it with no code from thanos-deploy")
+
+
+def inspection(result: dict, totals_only: bool = False) -> None:
+    """`inspect`'s per-linear table and its totals line."""
+    t = result["totals"]
+    if not totals_only:
+        rows = [[r["name"], "×".join(map(str, r["shape"])), r["storage"], f"{r['density']:.3f}",
+                 "yes" if r["two_four"] else f"no ({r['two_four_rows']})", str(r["outlier_rows"]),
+                 f"{r['flops_vs_dense']:.3f}", f"{r['bytes'] / r['dense_bytes']:.3f}"] for r in result["rows"]]
+        console.print(table(f"storage: {result['storage']}", ["linear", "shape", "storage", "density", "2:4 (K)", "outlier rows",
+                                                               "FLOPs vs dense", "bytes vs dense"], rows, left=("linear", "storage")))
+    console.print(
+        f"{t['linears']} linears · density {t['density']:.3f} · FLOPs {t['flops_vs_dense']:.3f}× dense · "
+        f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes'] / t['dense_bytes']:.3f}× the same weights dense) · "
+        f"2:4 along K in {t['two_four_linears']}/{t['linears']} linears"
+    )
+
+
+def onnx_weights(path: str, rows: list[dict]) -> None:
+    """`inspect model.onnx`: every constant MatMul/Gemm weight and whether it is 2:4 along K."""
+    cells = [[r["node"], r["op"], r["initializer"], "×".join(map(str, r["shape"])), str(r["k_axis"]),
+              "yes" if r["two_four"] else "no", f"{r['density']:.3f}", str(r["bytes"])] for r in rows]
+    header = ["node", "op", "initializer", "shape", "K axis", "2:4 along K", "density", "bytes"]
+    console.print(table(f"{path}: MatMul/Gemm weights, 2:4 along K (TensorRT's rule)", header, cells, left=tuple(header)))
+    console.print(f"{sum(r['two_four'] for r in rows)} of {len(rows)} weights are 2:4 along K · {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB")
+
+
+def export(report: dict, out: Path) -> None:
+    console.print(f"exported with the {report['exporter']} exporter in {report['export_seconds']:.1f} s"
+                  + (f" ({report['fallback_reason']})" if report["fallback_reason"] else ""))
+    for c in report["verification"]["checks"]:
+        console.print(f"  ORT vs PyTorch, batch {c['batch']} seq {c['seq']} past {c['past']}: max abs diff logits "
+                      f"{c['max_abs_logits']:.2e}, present {c['max_abs_present']:.2e}")
+    t = report["two_four"]
+    console.print(f"  2:4 along K (TensorRT's rule): {t['two_four_along_k']} of {t['weights']} MatMul/Gemm weights")
+    console.print(f"saved to {out}")
+
+
+def engine(report: dict, out: Path) -> None:
+    s = report["sparsity"]
+    console.print(f"engine saved to {out} (TensorRT {report['tensorrt']})")
+    console.print(f"sparse math: {len(s['eligible'])} layers eligible, {len(s['picked_sparse'])} picked a sparse tactic")
+    console.print(f"equivalent: {report['trtexec']}")
+
+
+def generation(result: dict, backend: str) -> None:
+    console.print(result["prompt"], style="bold", end="")
+    console.print(result["text"], highlight=False)
+    console.print(f"[{backend}] {result['tokens']} tokens in {result['seconds']:.2f} s", style="dim")
+
+
+def step_reporter(progress: Progress, task):
+    """on_step for long pipelines: the progress bar on a terminal, one line per step in a log."""
+    def step(message: str) -> None:
+        progress.update(task, description=message)
+        if not console.is_terminal:
+            console.print(message, style="dim", highlight=False)
+    return step

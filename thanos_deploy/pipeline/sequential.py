@@ -1,0 +1,251 @@
+"""The sequential layer loop shared by every method (SparseGPT / Wanda / Thanos pipeline).
+
+1. Capture the inputs of decoder layer 0 for all calibration windows (in batches).
+2. For each decoder layer, in order: run the dense layer on its inputs while hooks accumulate the
+   statistics of every linear (one accumulator per distinct input), prune every linear with the
+   method, then run the pruned layer to produce the inputs of the next layer.
+
+The loop owns all its state (`LayerInputs` and the report list), so a `store` (resume.RunFolder)
+can restore it after layer i, read offloaded layers from disk, and keep the hidden states between
+layers on disk (activations.py) without touching the methods.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from .. import models
+from ..errors import UserError
+from ..methods import get_method
+from ..patterns import parse_pattern
+from ..targets import select
+from . import activations, numerics
+from .stats import InputStats
+
+
+@dataclass
+class LayerInputs:
+    """What flows from one decoder layer to the next, one entry per calibration batch. `hidden` is a
+    list, or an activations.OnDisk that reads one batch at a time; the other arguments (positions,
+    masks) are small and stay in memory."""
+
+    hidden: list[torch.Tensor] | activations.OnDisk
+    args: list[tuple]
+    kwargs: list[dict]
+
+    def run(self, layer: nn.Module, before_each=None) -> Iterator[torch.Tensor]:
+        """The layer's output for each batch, computed (and its input read) only when asked for."""
+        for hidden, args, kwargs in zip(self.hidden, self.args, self.kwargs):
+            if before_each:
+                before_each()
+            out = layer(hidden, *args, **kwargs)
+            yield out[0] if isinstance(out, (tuple, list)) else out
+
+
+ERROR_SAMPLE_TOKENS = 4096  # methods without a Hessian report their error on about this many tokens
+
+
+class _Captured(Exception):
+    def __init__(self, args, kwargs):
+        self.args_, self.kwargs_ = args, kwargs
+
+
+def _modules_outside(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    inside = {id(m) for m in layers.modules()}
+    return [m for m in model.modules() if id(m) not in inside]
+
+
+def _move(modules: list[nn.Module], device) -> None:
+    for m in modules:
+        for p in m.parameters(recurse=False):
+            p.data = p.data.to(device)
+        for name, b in m.named_buffers(recurse=False):
+            m._buffers[name] = b.to(device)
+
+
+def batch_size(seqlen: int, batch_tokens: int) -> int:
+    return max(1, batch_tokens // seqlen)
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, ids: torch.Tensor, *, device, batch_tokens: int = 8192, spill: Path | None = None) -> LayerInputs:
+    """Run the model up to decoder layer 0 and keep what reaches it, batch by batch: in memory, or
+    the hidden states in the file `spill` as they come."""
+    layers = models.decoder_layers(model)
+    outside = _modules_outside(model, layers)
+    home = next(model.parameters()).device
+    _move(outside, device)
+
+    def stop(module, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    chunks = ids.split(batch_size(ids.shape[1], batch_tokens))
+    positional, keywords = [], []
+    try:
+        with activations.keep(spill, len(chunks)) as hidden:
+            for chunk in chunks:
+                try:
+                    model(input_ids=chunk.to(device), use_cache=False)
+                except _Captured as c:
+                    args, kwargs = tuple(c.args_), dict(c.kwargs_)
+                    hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+                    positional.append(args[1:])
+                    keywords.append(kwargs)
+                else:
+                    raise RuntimeError("decoder layer 0 was never called")
+    finally:
+        handle.remove()
+        _move(outside, home)
+    return LayerInputs(hidden.batches(), positional, keywords)
+
+
+@torch.no_grad()
+def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options: dict, *, index: int = 0, on_linear=None, subs=None, spill: Path | None = None):
+    """Prune the linears `subs` (default: every linear) of one decoder layer in place; return
+    (report, inputs of the next layer), whose hidden states are in memory or, given `spill`, in that file."""
+    t0 = time.perf_counter()
+    subs = models.linears(layer) if subs is None else subs
+    tokens = sum(shape[0] * shape[1] for shape in activations.shapes(inputs.hidden))
+    collector = InputStats(subs, hessian=method.needs_hessian, sample_every=max(1, tokens // ERROR_SAMPLE_TOKENS))
+    try:
+        for _ in inputs.run(layer, before_each=collector.next_batch):
+            pass  # the hooks collect the statistics
+    finally:
+        collector.close()
+    t_stats = time.perf_counter() - t0
+
+    report = {"index": index, "linears": [], "groups": collector.groups()}
+    t_prune = 0.0
+    for name, linear in subs.items():
+        if on_linear:
+            on_linear(name)
+        stats = collector[name]
+        weight = linear.weight.data
+        numerics.check_statistics(stats, f"layers.{index}.{name}")
+        t1 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            numerics.warn_rank_deficient(stats, weight.shape[1])
+            try:
+                new = method.prune(weight, stats, pattern, **options)
+            except UserError as e:
+                raise UserError(f"layers.{index}.{name}: {e}") from None
+        numerics.check_weight(new, f"layers.{index}.{name}")
+        if new.is_cuda:
+            torch.cuda.synchronize(new.device)
+        seconds = time.perf_counter() - t1
+        t_prune += seconds
+        entry = {
+            "name": name,
+            "shape": list(weight.shape),
+            "sparsity": float((new == 0).float().mean()),
+            "relative_error": stats.relative_error(weight, new),
+            "error_tokens": stats.error_tokens,
+            "seconds": round(seconds, 4),
+        }
+        if caught:
+            entry["warnings"] = [f"layers.{index}.{name}: {w.message}" for w in caught]
+        report["linears"].append(entry)
+        linear.weight.data = new.to(weight.dtype)
+    del collector
+    t2 = time.perf_counter()
+    with activations.keep(spill, len(inputs.hidden)) as outputs:
+        for out in inputs.run(layer):
+            numerics.check_output(out, f"layers.{index}")
+            outputs.append(out)
+    report["seconds"] = {
+        "statistics": round(t_stats, 4),
+        "prune": round(t_prune, 4),
+        "forward": round(time.perf_counter() - t2, 4),
+    }
+    return report, LayerInputs(outputs.batches(), inputs.args, inputs.kwargs)
+
+
+def compress_model(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    *,
+    method: str,
+    pattern,
+    device=None,
+    batch_tokens: int = 8192,
+    progress: bool = False,
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+    store=None,
+    **options,
+) -> dict:
+    """Prune `model` in place, decoder layer by decoder layer; return the report.
+
+    `calib_ids` is a [n, seqlen] token tensor. Embeddings and the LM head are never pruned. One
+    decoder layer at a time is moved to `device` (default: where the model is). `targets` and
+    `ignore` pick the linears by module name (targets.py); default: every decoder linear. `store`
+    (a resume.RunFolder) checkpoints after every layer, restores a killed run, reads offloaded
+    layers and says where the hidden states between layers live (`store.spill`: memory or a file).
+    """
+    m = get_method(method)
+    pattern = parse_pattern(pattern)
+    opts = m.options(pattern, options)
+    layers = models.decoder_layers(model)
+    chosen = select(model, targets, ignore, pattern)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    t0 = time.perf_counter()
+    spill = store.spill if store else lambda index: None
+    if store and store.bounds_memory:
+        activations.free_large_blocks_at_once()
+    inputs = capture_inputs(model, calib_ids, device=device, batch_tokens=batch_tokens, spill=spill(0))
+    start, reports, inputs = store.restore(layers, inputs) if store else (0, [], inputs)
+    bar = _progress(progress)
+    with bar or nullcontext():
+        task = bar.add_task(f"{m.name} {pattern}", total=len(layers)) if bar else None
+        if bar and start:
+            bar.advance(task, start)
+        for i, layer in enumerate(layers):
+            if i < start:
+                continue
+            if store:
+                store.load(i, layer)
+            home = next(layer.parameters()).device
+            layer.to(device)
+            on_linear = (lambda name, i=i: bar.update(task, description=f"{m.name} {pattern} · layer {i}.{name}")) if bar else None
+            report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear, subs=chosen[i], spill=spill(i + 1))
+            layer.to(home)
+            reports.append(report)
+            if store:
+                store.save(i, layer, report, inputs)
+            if bar:
+                bar.advance(task)
+    total = time.perf_counter() - t0
+    summary = summarize(reports, method=m.name, pattern=str(pattern), options=opts, seconds=total)
+    return {**summary, "targets": list(targets or []), "ignore": list(ignore or [])}
+
+
+def summarize(reports: list[dict], *, method: str, pattern: str, options: dict, seconds: float) -> dict:
+    zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for r in reports for e in r["linears"])
+    total = sum(e["shape"][0] * e["shape"][1] for r in reports for e in r["linears"])
+    stage = {k: round(sum(r["seconds"][k] for r in reports), 3) for k in ("statistics", "prune", "forward")}
+    return {
+        "method": method,
+        "pattern": pattern,
+        "options": options,
+        "sparsity": zeros / total if total else 0.0,
+        "seconds": {"total": round(seconds, 3), **stage},
+        "layers": reports,
+    }
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
