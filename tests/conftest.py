@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from thanos_deploy import loading
+from thanos_deploy.cli import main
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
 
@@ -77,7 +80,26 @@ CLI = str(Path(sys.executable).with_name("thanos-deploy"))  # the installed cons
 
 
 def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    """Run the installed `thanos-deploy` console script in a fresh process."""
+    """Run a command line in this process through `main(argv)`, as the console script would
+    (the same code: parse, call, render, exit code); its stdout, stderr and code come back."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess([CLI, *args], code, out.getvalue(), err.getvalue())
+
+
+def run_installed(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the installed `thanos-deploy` console script in a fresh process (exit codes and
+    tracebacks as a shell sees them; the few tests that need a real process)."""
     return subprocess.run(
         [CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=900
     )

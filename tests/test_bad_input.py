@@ -1,8 +1,9 @@
 """Bad input, everywhere: every command, every kind of file the tool reads, bad options, bad output
-paths, a full disk. Each case runs the installed console script in a fresh process and must end
-with exit code 2, one `error:` line naming the problem and the fix, no traceback, nothing left
-behind, and its inputs untouched. Most cases fail before any model is loaded; the few that need one
-use tiny random folders built once per session."""
+paths, a full disk. Each case runs one command line through `main(argv)` in this process (the
+console script's own code: parse, call, render, exit code) and must end with exit code 2, one
+`error:` line naming the problem and the fix, no traceback, nothing left behind, and its inputs
+untouched. A few run the installed console script in a fresh process: a usage error (Typer's
+vendored click raised through `main` once) and the full disks (a per-process file size limit)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Case:
     setup: object = None  # optional callable(ws: Path, inputs: dict) that prepares extra inputs in ws
     usage: bool = False  # a usage error: click's usage line comes before the error line
     env: dict = field(default_factory=dict)
+    installed: bool = False  # run the installed console script in a fresh process
 
 
 def _bytes(path: Path, data: bytes) -> Path:
@@ -115,6 +117,8 @@ def inputs(tmp_path_factory, tiny_folder) -> dict:
     files["txt_binary"] = str(_bytes(root / "binary.txt", bytes(range(256)) * 4))
     files["txt_empty"] = str(_bytes(root / "empty.txt", b""))
     files["jsonl_wrong_field"] = str(_bytes(root / "wrong.jsonl", b'{"content": "hello there"}\n' * 20))
+    files["jsonl_text_number"] = str(_bytes(root / "number.jsonl", b'{"text": "fine"}\n{"text": 5}\n'))
+    files["jsonl_array"] = str(_bytes(root / "array.jsonl", b'["text", "hello"]\n'))
     files["jsonl_not_json"] = str(_bytes(root / "broken.jsonl", b'{"text": "hello"\n'))
     files["jsonl_binary"] = str(_bytes(root / "binary.jsonl", os.urandom(600)))
     files["file"] = str(_bytes(root / "a-file", b"not a folder"))
@@ -143,7 +147,7 @@ def disk_full_for_activations_setup(ws: Path, inputs: dict) -> None:
 
 CASES = [
     # usage errors (Typer's vendored click)
-    Case("typo-in-command", ["bnech"], "No such command 'bnech'", usage=True),
+    Case("typo-in-command", ["bnech"], "No such command 'bnech'", usage=True, installed=True),
     Case("typo-in-option", ["compress", "{model}", "--patern", "2:4", "--out", "{out}"], "No such option: --patern", usage=True),
     Case("eval-without-model", ["eval"], "Missing argument", usage=True),
     # patterns and option values
@@ -202,6 +206,9 @@ CASES = [
     Case("tokens-csv", ["compress", "{model}", "--calib-tokens", "{tok_csv}", "--out", "{out}"], "use .pt, .npy or .safetensors"),
     # calibration and evaluation text
     Case("calib-binary-txt", ["compress", "{model}", "--calib", "{txt_binary}", "--seqlen", "64", "--out", "{out}"], "is binary, not UTF-8 text"),
+    Case("calib-jsonl-text-a-number", ["compress", "{model}", "--calib", "{jsonl_text_number}", "--out", "{out}"], "line 2: \"text\" is 5, not a string"),
+    Case("calib-jsonl-array-line", ["compress", "{model}", "--calib", "{jsonl_array}", "--out", "{out}"], "line 1: expected a JSON object"),
+    Case("eval-jsonl-text-a-number", ["eval", "{model}", "--data", "{jsonl_text_number}"], "\"text\" is 5"),
     Case("calib-jsonl-wrong-field", ["compress", "{model}", "--calib", "{jsonl_wrong_field}", "--out", "{out}"], "\"text\" field"),
     Case("eval-jsonl-binary", ["eval", "{model}", "--data", "{jsonl_binary}"], "is binary, not UTF-8 text"),
     # output paths
@@ -210,9 +217,10 @@ CASES = [
     Case("out-current-folder", ["compress", "{model}", "--out", ".", "--overwrite"], "current folder"),
     Case("out-unwritable", ["compress", "{model}", "--calib-tokens", "{ids}", "--out", "/proc/thanos-deploy-out"], "/proc"),
     Case("export-out-under-a-file", ["export", "onnx", "{ckpt}", "--out", "{file}/onnx"], "is not a writable folder"),
-    Case("disk-full", ["compress", "{model}", "--method", "wanda", "--calib-tokens", "{ids}", "--out", "{ws}/small/out"], "no space", setup=disk_full_setup),
+    Case("disk-full", ["compress", "{model}", "--method", "wanda", "--calib-tokens", "{ids}", "--out", "{ws}/small/out"], "no space", setup=disk_full_setup,
+         installed=True),
     Case("disk-full-of-activations", ["compress", "{model}", "--method", "wanda", "--calib-tokens", "{ws}/many-ids.safetensors", "--activations-on-disk",
-                                      "--out", "{ws}/small/out"], "no space", setup=disk_full_for_activations_setup),
+                                      "--out", "{ws}/small/out"], "no space", setup=disk_full_for_activations_setup, installed=True),
     Case("bench-missing-candidate", ["bench", "{model}", "{ws}/no-such-artifact", "--out", "{out}"], "does not exist"),
     Case("bench-unknown-backend", ["bench", "{model}", "{ckpt}", "--backend", "tvm", "--out", "{out}"], "unknown backend"),
     Case("bench-plan-unknown-method", ["bench", "{model}", "--plan", "{ws}/plan.txt", "--out", "{out}"], "unknown method",
@@ -246,7 +254,10 @@ def run_case(case: Case, ws: Path, inputs: dict) -> tuple[subprocess.CompletedPr
     if (ws / ".fsize").exists():  # SIGXFSZ ignored, so the write call fails with EFBIG; 64 blocks of 1 KiB
         command = ["bash", "-c", 'trap "" XFSZ; ulimit -f 64; exec "$@"', "--", *command]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, cwd=ws, timeout=600, env={**os.environ, **case.env})
+        if case.installed:
+            result = subprocess.run(command, capture_output=True, text=True, cwd=ws, timeout=600, env={**os.environ, **case.env})
+        else:
+            result = run_cli(*args, cwd=ws, env=case.env)
         return result, before, snapshot(ws)
     finally:
         if (ws / ".mounted").exists():
@@ -255,12 +266,14 @@ def run_case(case: Case, ws: Path, inputs: dict) -> tuple[subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def results(inputs, tmp_path_factory) -> dict:
-    """Every case, run concurrently (one process per CPU core: each is mostly a Python start-up)."""
+    """Every case: the in-process ones one after the other (they share this process's working
+    folder and standard streams), the installed-script ones meanwhile in a thread each."""
     root = tmp_path_factory.mktemp("cases")
     shared = snapshot(Path(inputs["root"]))
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        futures = {c.name: pool.submit(run_case, c, root / c.name, inputs) for c in CASES}
-        done = {name: f.result() for name, f in futures.items()}
+        futures = {c.name: pool.submit(run_case, c, root / c.name, inputs) for c in CASES if c.installed}
+        done = {c.name: run_case(c, root / c.name, inputs) for c in CASES if not c.installed}
+        done.update({name: f.result() for name, f in futures.items()})
     done["shared inputs unchanged"] = snapshot(Path(inputs["root"])) == shared
     return done
 

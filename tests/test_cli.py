@@ -1,10 +1,11 @@
-"""The command line as a user meets it: real processes, real files."""
+"""The command line as a user meets it: real files, command lines run through main(argv), and the
+installed console script in a fresh process where the environment must be set before it starts."""
 
 import json
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import run_cli, run_installed
 
 
 def assert_clean_failure(result, out, match):
@@ -77,9 +78,10 @@ def test_existing_output_without_overwrite(tmp_path, tiny_folder):
 
 def test_c4_without_network(tmp_path, tiny_folder):
     out = tmp_path / "out"
-    # no route to the hub: an endpoint on a closed local port (the same failure as an offline machine)
+    # no route to the hub: an endpoint on a closed local port (the same failure as an offline machine);
+    # a fresh process, since huggingface_hub reads HF_ENDPOINT when it is imported
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
-    r = run_cli("compress", str(tiny_folder), "--method", "wanda", "--calib", "c4", "--out", str(out), env=env)
+    r = run_installed("compress", str(tiny_folder), "--method", "wanda", "--calib", "c4", "--out", str(out), env=env)
     assert_clean_failure(r, out, "cannot load 'c4'")
 
 
@@ -123,5 +125,5 @@ def test_compress_and_eval_round_trip(tmp_path, tiny_folder, text_file):
 def test_hub_id_without_network(tmp_path):
     out = tmp_path / "out"
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
-    r = run_cli("compress", "some-org/some-model", "--out", str(out), env=env)
+    r = run_installed("compress", "some-org/some-model", "--out", str(out), env=env)
     assert_clean_failure(r, out, "could not load model 'some-org/some-model'")

@@ -112,7 +112,7 @@ def test_pareto_front_with_higher_x_better():
 
 
 def _tradeoffs():
-    path = Path(__file__).parents[1] / "bench" / "tradeoffs.py"
+    path = Path(__file__).parents[1] / "bench" / "studies" / "tradeoffs.py"
     spec = importlib.util.spec_from_file_location("tradeoffs", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -132,7 +132,7 @@ def test_the_study_runs_each_configuration_once():
 
 def test_the_study_refuses_to_continue_another_protocol(tmp_path):
     (tmp_path / "tradeoffs-quick.json").write_text(json.dumps({"protocol": {"model": "other"}, "rows": [], "seconds": 0}))
-    script = Path(__file__).parents[1] / "bench" / "tradeoffs.py"
+    script = Path(__file__).parents[1] / "bench" / "studies" / "tradeoffs.py"
     r = subprocess.run([sys.executable, str(script), "--quick", "--model", "mine", "--device", "cpu", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "--fresh" in r.stderr and "model" in r.stderr, r.stderr

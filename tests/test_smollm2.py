@@ -4,10 +4,17 @@ import copy
 
 import pytest
 import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
-from thanos_deploy import checkpoint, compress_model, data, loading, models
+from thanos_deploy import checkpoint, compress_model, data, load, loading, models
 from thanos_deploy.compact.linear import CompactLinear
+from thanos_deploy.compact.pack import pack_model
+from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.evaluate import perplexity
+from thanos_deploy.exporters.onnx import write_artifact
+from thanos_deploy.patterns import parse_pattern
+from thanos_deploy.runtime import open_backend
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +42,6 @@ def wanda_2of4(setup, tmp_path_factory):
 
 
 def test_saved_folder_reloads_with_plain_transformers(setup, wanda_2of4):
-    from transformers import AutoModelForCausalLM
-
     _, _, _, windows, _ = setup
     pruned, folder, _ = wanda_2of4
     reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -47,8 +52,6 @@ def test_saved_folder_reloads_with_plain_transformers(setup, wanda_2of4):
 
 
 def test_every_group_of_four_has_two_zeros(wanda_2of4):
-    from transformers import AutoModelForCausalLM
-
     _, folder, _ = wanda_2of4
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     count = 0
@@ -87,9 +90,6 @@ def thanos_structured(setup):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
 def test_shrunk_model_matches_masked_model(setup, thanos_structured, alpha, tmp_path):
-    from thanos_deploy import load
-    from thanos_deploy.compact.shrink import shrink_model
-
     model, tokenizer, ids, windows, _ = setup
     masked_model = thanos_structured(alpha)
     pruned = copy.deepcopy(masked_model)
@@ -131,15 +131,10 @@ def test_shrunk_model_matches_masked_model(setup, thanos_structured, alpha, tmp_
 
 
 def test_packed_2of4_checkpoint_size(wanda_2of4, tmp_path):
-    from thanos_deploy.compact.pack import pack_model
-    from thanos_deploy.patterns import parse_pattern
-
     pruned, _, _ = wanda_2of4
     half = copy.deepcopy(pruned).to(torch.float16)
     specs = pack_model(half, parse_pattern("2:4"))
     out = checkpoint.save(half, None, tmp_path / "p", {"storage": "packed", "modules": specs, "pattern": "2:4"})
-    from safetensors import safe_open
-
     packed_bytes = dense_fp16 = 0
     with safe_open(out / "model.safetensors", "pt") as f:
         for name, spec in specs.items():
@@ -152,24 +147,27 @@ def test_packed_2of4_checkpoint_size(wanda_2of4, tmp_path):
 
 @pytest.fixture(scope="module")
 def shrunk_structured(thanos_structured):
-    from thanos_deploy.compact.shrink import shrink_model
-
     pruned = copy.deepcopy(thanos_structured(0.1))
     shrink_model(pruned, alpha=0.1)
     return pruned
 
 
-@pytest.mark.parametrize("variant", ["dense", "2:4 masked", "structured shrunk"])
-@pytest.mark.parametrize("past", [True, False])
-def test_onnx_runtime_parity(setup, wanda_2of4, shrunk_structured, tmp_path, variant, past):
-    from thanos_deploy.exporters.onnx import write_artifact
-    from thanos_deploy.runtime import open_backend
+@pytest.fixture(scope="module")
+def packed_2of4(wanda_2of4):
+    pruned = copy.deepcopy(wanda_2of4[0])
+    pack_model(pruned, parse_pattern("2:4"))
+    return pruned
 
+
+# One export per storage on the real model (the exporters' other paths run on tiny models in
+# test_export.py): masked through the default path (dynamo, KV cache) with greedy generation equal
+# to torch's; packed and shrunk (outlier rows, gathers) through the legacy exporter with the KV cache.
+@pytest.mark.parametrize("storage, exporter", [("masked", "dynamo"), ("packed", "legacy"), ("shrunk", "legacy")])
+def test_onnx_runtime_parity_per_storage(setup, wanda_2of4, packed_2of4, shrunk_structured, tmp_path, storage, exporter):
     model, tokenizer, _, windows, _ = setup
-    net = {"dense": model, "2:4 masked": wanda_2of4[0], "structured shrunk": shrunk_structured}[variant]
-    # with past: the default path (dynamo exporter); without: the legacy exporter, the fallback
-    report = write_artifact(copy.deepcopy(net), tokenizer, tmp_path / "onnx", dtype="fp32", with_past=past, exporter="auto" if past else "legacy")
-    assert report["exporter"] == ("dynamo" if past else "legacy")
+    net = {"masked": wanda_2of4[0], "packed": packed_2of4, "shrunk": shrunk_structured}[storage]
+    report = write_artifact(copy.deepcopy(net), tokenizer, tmp_path / "onnx", dtype="fp32", with_past=True, exporter=exporter)
+    assert report["exporter"] == exporter
     assert report["verification"]["max_abs_diff"] < 1e-3
     ids = windows[:1, :64]
     with torch.no_grad():
@@ -177,9 +175,9 @@ def test_onnx_runtime_parity(setup, wanda_2of4, shrunk_structured, tmp_path, var
     runner = open_backend("ort", str(tmp_path / "onnx"))
     got, state = runner.prefill(ids)
     assert (got - expected).abs().max() < 1e-3
-    if variant == "2:4 masked":
+    if storage != "shrunk":
         assert report["two_four"]["two_four_along_k"] == 30 * 7  # every decoder linear; the LM head is dense
-        if past:
-            prompt = windows[:1, :16]
-            torch_ids = open_backend("torch", str(wanda_2of4[1])).generate(prompt, 20)
-            assert torch.equal(runner.generate(prompt, 20), torch_ids)
+    if storage == "masked":
+        prompt = windows[:1, :16]
+        torch_ids = open_backend("torch", str(wanda_2of4[1])).generate(prompt, 20)
+        assert torch.equal(runner.generate(prompt, 20), torch_ids)

@@ -332,11 +332,19 @@ def _environment_error(e: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command line (default: sys.argv[1:]); returns the exit code: 0, 2 for bad input
-    (one `error:` line on stderr, no traceback), 130 for Ctrl-C."""
+    (one `error:` line on stderr, no traceback), 130 for Ctrl-C. Given `argv`, sys.argv says it
+    while the command runs, so what records or repeats the command line (manifests, the resume
+    hint) sees this one."""
+    if argv is not None:
+        saved, sys.argv = sys.argv, ["thanos-deploy", *argv]
+        try:
+            return main()
+        finally:
+            sys.argv = saved
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        code = app(args=argv, prog_name="thanos-deploy", standalone_mode=False)  # Typer turns Ctrl-C into 130 here
+        code = app(args=sys.argv[1:], prog_name="thanos-deploy", standalone_mode=False)  # Typer turns Ctrl-C into 130 here
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
