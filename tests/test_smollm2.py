@@ -159,15 +159,16 @@ def packed_2of4(wanda_2of4):
     return pruned
 
 
-# One export per storage on the real model (the exporters' other paths run on tiny models in
-# test_export.py): masked through the default path (dynamo, KV cache) with greedy generation equal
-# to torch's; packed and shrunk (outlier rows, gathers) through the legacy exporter with the KV cache.
-@pytest.mark.parametrize("storage, exporter", [("masked", "dynamo"), ("packed", "legacy"), ("shrunk", "legacy")])
-def test_onnx_runtime_parity_per_storage(setup, wanda_2of4, packed_2of4, shrunk_structured, tmp_path, storage, exporter):
+# One export per storage on the real model, with the KV cache, through the legacy exporter (20-30 s
+# each; the dynamo exporter, the default, takes about 100 s on SmolLM2 and runs in test_export.py and
+# test_families.py on tiny models of every family, KV cache included); greedy generation equal to
+# torch's on the masked one.
+@pytest.mark.parametrize("storage", ["masked", "packed", "shrunk"])
+def test_onnx_runtime_parity_per_storage(setup, wanda_2of4, packed_2of4, shrunk_structured, tmp_path, storage):
     model, tokenizer, _, windows, _ = setup
     net = {"masked": wanda_2of4[0], "packed": packed_2of4, "shrunk": shrunk_structured}[storage]
-    report = write_artifact(copy.deepcopy(net), tokenizer, tmp_path / "onnx", dtype="fp32", with_past=True, exporter=exporter)
-    assert report["exporter"] == exporter
+    report = write_artifact(copy.deepcopy(net), tokenizer, tmp_path / "onnx", dtype="fp32", with_past=True, exporter="legacy")
+    assert report["exporter"] == "legacy"
     assert report["verification"]["max_abs_diff"] < 1e-3
     ids = windows[:1, :64]
     with torch.no_grad():
