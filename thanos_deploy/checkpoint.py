@@ -149,7 +149,7 @@ def read_manifest(folder: str | Path) -> dict | None:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
         raise UserError(f"'{path}' is not a thanos-deploy manifest (a JSON object with 'files'): the checkpoint is damaged, re-create it")
     storage = manifest.get("storage", "masked")
-    if storage not in ("masked", "shrunk", "packed") or (storage != "masked" and not isinstance(manifest.get("modules"), dict)):
+    if storage not in ("masked", "shrunk", "packed", "plain") or (storage in ("shrunk", "packed") and not isinstance(manifest.get("modules"), dict)):
         raise UserError(f"'{path}' has storage '{storage}' without valid 'modules': the checkpoint is damaged, re-create it")
     return manifest
 

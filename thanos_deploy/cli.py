@@ -73,7 +73,8 @@ def compress(
     model: str = typer.Argument(SMOLLM2_ALIAS, help="HF folder, hub id, .gguf file, or smollm2-135m"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder to write the pruned checkpoint to (default: a new folder named after model, method and pattern)"),
     method: str = typer.Option("thanos", help="thanos, sparsegpt, wanda or magnitude"),
-    pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P or structured:P"),
+    pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P, structured:P, or width:mlp=F,heads=F,kv_heads=F "
+                                 "(fractions removed) / width:intermediate_size=N,num_attention_heads=N,num_key_value_heads=N (kept): a plain config"),
     calib: str = typer.Option("austen", help="austen, c4, wikitext2, or a .txt/.jsonl file"),
     calib_tokens: Optional[Path] = typer.Option(None, help="Exact calibration tokens [n, seqlen]: .pt, .npy or .safetensors"),
     nsamples: int = typer.Option(128, help="Calibration windows"),
@@ -107,7 +108,7 @@ def compress(
         storage=storage_from_flags(shrink, pack), save_dtype_name=save_dtype, calib=calib, calib_tokens=calib_tokens, nsamples=nsamples,
         seqlen=seqlen, seed=seed, device=device, dtype=dtype, batch_tokens=batch_tokens, targets=targets, ignore=ignore,
         eval_windows=eval_windows, eval_data=eval_data, eval_seqlen=eval_seqlen, resume_run=resume, offload=offload,
-        activations_on_disk=activations_on_disk, overwrite=overwrite, progress=True, status=console.status,
+        activations_on_disk=activations_on_disk, overwrite=overwrite, progress=True, status=console.status, say=console.print,
     )
     show.compress_report(result.report, result.manifest, out)
     if result.manifest["storage"] != "masked":

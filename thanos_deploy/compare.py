@@ -190,7 +190,7 @@ def compare(
         else:
             t0 = time.perf_counter()
             pruned = oneshot(model, method=run.method, pattern=pattern, options=run.options, calib=calib, calib_ids=ids, seed=seed,
-                             device=device, targets=targets, ignore=ignore, loaded=fresh_copy((base, tokenizer)), progress=progress)
+                             storage="masked", device=device, targets=targets, ignore=ignore, loaded=fresh_copy((base, tokenizer)), progress=progress)
             seconds = time.perf_counter() - t0
             row = {
                 "label": run.label,

@@ -59,8 +59,8 @@ def compress_report(report: dict, manifest: dict, out: Path) -> None:
 
 def plain_note(manifest: dict) -> None:
     if plain := manifest.get("plain"):
-        (field, (old, new)), = plain.items()
-        console.print(f"plain Hugging Face checkpoint: every MLP narrowed alike, config {field} {old} → {new}; "
+        fields = ", ".join(f"{field} {old} → {new}" for field, (old, new) in plain.items())
+        console.print(f"plain Hugging Face checkpoint: every layer narrowed alike, config {fields}; "
                       "stock transformers loads it with no code from thanos-deploy")
 
 

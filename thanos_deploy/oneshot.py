@@ -25,21 +25,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, data, loading, models
+from . import checkpoint, data, loading, models, width
 from .compact.pack import pack_model
 from .compact.plain import plain_config
 from .compact.shrink import shrink_model
 from .errors import UserError, at_least
 from .evaluate import evaluate
 from .methods import Method, get_method
-from .patterns import NM, Pattern, Structured, parse_pattern
+from .patterns import NM, Pattern, Structured, Width, parse_pattern
 from .pipeline import activations, resume
 from .pipeline.offload import load_skeleton, wants_offload
 from .pipeline.sequential import compress_model
 from .targets import select
 
 FORMAT = "thanos-deploy/1"
-STORAGES = ("masked", "packed", "shrunk")
+STORAGES = ("masked", "packed", "shrunk", "plain")
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,18 @@ class Result:
 
 def storage_for(pattern: Pattern, storage: str) -> str:
     """The storage of an artifact: `auto` turns the zeros into savings (N:M packed, structured
-    shrunk, unstructured masked); an explicit one must suit the pattern."""
+    shrunk, width plain, unstructured masked); `default` is what `compress` writes without --shrink
+    or --pack (plain for width patterns, masked otherwise); an explicit one must suit the pattern."""
     if storage == "auto":
-        return "packed" if isinstance(pattern, NM) else "shrunk" if isinstance(pattern, Structured) else "masked"
+        return "packed" if isinstance(pattern, NM) else "shrunk" if isinstance(pattern, Structured) else "plain" if isinstance(pattern, Width) else "masked"
+    if storage == "default":
+        return "plain" if isinstance(pattern, Width) else "masked"
     if storage not in STORAGES:
         raise UserError(f"unknown storage '{storage}': choose auto, {', '.join(STORAGES)}")
+    if isinstance(pattern, Width) and storage not in ("plain", "masked"):
+        raise UserError(f"{pattern} is written as a plain Hugging Face checkpoint: drop --shrink/--pack")
+    if storage == "plain" and not isinstance(pattern, Width):
+        raise UserError(f"plain storage needs a width pattern (width:mlp=F,heads=F), not {pattern}")
     if storage == "shrunk" and not isinstance(pattern, Structured):
         raise UserError(f"--shrink needs a structured pattern (structured:P), not {pattern}; use --pack for N:M")
     if storage == "packed" and not isinstance(pattern, NM):
@@ -82,7 +89,7 @@ def storage_from_flags(shrink: bool, pack: bool) -> str:
     """The storage `compress --shrink` / `--pack` ask for."""
     if shrink and pack:
         raise UserError("--shrink and --pack exclude each other: --shrink is for structured patterns, --pack for N:M")
-    return "shrunk" if shrink else "packed" if pack else "masked"
+    return "shrunk" if shrink else "packed" if pack else "default"
 
 
 def save_dtype(name: str) -> torch.dtype | None:
@@ -161,6 +168,11 @@ def compact(model: nn.Module, manifest: dict, storage: str, dtype: torch.dtype |
     if storage == "masked":
         return manifest
     pattern = parse_pattern(manifest["pattern"])
+    if storage == "plain":
+        widths = width.plan(pattern, model.config)
+        kept = [layer["units"] for layer in manifest["layers"]]
+        changed = width.narrow(model, width.check_model(model, widths), kept, widths)
+        return {**manifest, "storage": "plain", "plain": changed, "units": {f"layers.{i}": k for i, k in enumerate(kept)}}
     alpha = (manifest.get("options") or {}).get("alpha") or 0.0
     modules = shrink_model(model, alpha=alpha) if storage == "shrunk" else pack_model(model, pattern, alpha=alpha)
     manifest = {**manifest, "storage": storage, "modules": modules}
@@ -202,7 +214,7 @@ def oneshot(
     method: str = "thanos",
     pattern="2:4",
     options: dict | None = None,
-    storage: str = "masked",
+    storage: str = "default",
     save_dtype_name: str = "auto",
     calib: str = "austen",
     calib_tokens: Path | None = None,
@@ -225,12 +237,14 @@ def oneshot(
     loaded: tuple[nn.Module, object] | None = None,
     progress: bool = False,
     status=None,
+    say=None,
 ) -> Result:
     """Prune `model` (a folder, hub id, .gguf or smollm2-135m; or `loaded` = (model, tokenizer),
     pruned in place, with `model` naming its source) and, given `out`, write the artifact in
     `storage` (masked, packed, shrunk or auto). Without `out` nothing is written: the pruned model
     comes back in the result, as `compare` needs it. `status(message)` is a context manager shown
-    around each long step (the CLI passes a spinner)."""
+    around each long step (the CLI passes a spinner); `say(line)` tells what was decided before the
+    work starts (the widths a width pattern resolves to)."""
     started = time.perf_counter()
     status = status or (lambda message: nullcontext())
     job = prepare(method, pattern, options, storage=storage, save_dtype_name=save_dtype_name, targets=targets, ignore=ignore)
@@ -241,6 +255,8 @@ def oneshot(
         out = checkpoint.check_output(out, overwrite)
     if resume_run and out is None:
         raise UserError("--resume continues a run that writes an artifact: pass --out")
+    if out is None and job.storage != "masked":
+        raise UserError(f"{job.storage} storage is written to disk: pass an output folder, or keep the model in memory with storage='masked'")
     docs = None
     if calib_ids is None and calib_tokens is None:
         with status(f"reading calibration data '{calib}'"):
@@ -249,7 +265,8 @@ def oneshot(
         calib_ids = data.load_token_file(calib_tokens)
     offloaded = loaded is None and out is not None and wants_offload(model, offload, compatible=job.storage == "masked" and eval_windows == 0)
     if offloaded and job.storage != "masked":
-        raise UserError("--offload writes masked checkpoints: drop --shrink/--pack, then run `thanos-deploy shrink` or `pack` on the output")
+        raise UserError(f"--offload writes masked checkpoints, not {job.storage}: drop --offload, or drop --shrink/--pack and run "
+                        "`thanos-deploy shrink` or `pack` on the output")
     if offloaded and eval_windows > 0:
         raise UserError("--offload never holds the whole model, so it cannot evaluate it: drop --eval-windows and run `thanos-deploy eval` on the output")
     if offload and loaded is not None:
@@ -265,6 +282,12 @@ def oneshot(
             else:
                 (net, tokenizer), weights = loading.load(model, dtype=dtype), None
         select(net, job.targets, job.ignore, job.pattern)
+        if isinstance(job.pattern, Width):
+            widths = width.plan(job.pattern, net.config)
+            if job.storage == "plain":
+                width.plain_config(net, width.check_model(net, widths), widths)
+            if say:
+                say(f"{job.pattern}: {widths.describe()}")
         with status(f"tokenizing calibration data '{calib}'"):
             ids = calibration_ids(net, tokenizer, ids=calib_ids, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, docs=docs)
         calibration = {"source": str(calib_tokens) if calib_tokens is not None else calib, "seed": None if calib_tokens is not None else seed}
@@ -297,6 +320,8 @@ def oneshot(
                 else:
                     checkpoint.save(net, tokenizer, out, made, overwrite=overwrite)
                     run.close(discard=True)
+        if job.storage == "plain" and out is not None:
+            net = loading.load(str(out))[0]  # the narrowed modules' own attributes (heads per group) come from the new config
     return Result(net, tokenizer, report, made, out)
 
 

@@ -7,6 +7,12 @@ GEMM reduction axis K: that is where 2:4 sparse tensor cores and TensorRT expect
 - `N:M`             in every group of M consecutive weights of a row, N are zero (2:4, 4:8, 1:4...).
 - `structured:P`    a fraction P of the input columns are zero in every (non-outlier) row, so they
                     can be removed physically.
+- `width:...`       whole units removed in every decoder layer alike (MLP neurons, query heads inside
+                    each KV group, whole KV groups), so the model keeps a standard config (width.py):
+                    `width:mlp=0.3,heads=0.33` (fractions) or `width:intermediate_size=1024,
+                    num_attention_heads=6,num_key_value_heads=1` (targets).
+- `Columns`         not written by users: exactly these input columns of one weight are removed (the
+                    consumer of the units a width pattern removes).
 
 Mask helpers return boolean masks where True means "prune". Ties are broken by position (lowest
 flat index first) so that a mask is the same on every device and every run.
@@ -60,16 +66,73 @@ class Structured:
         return math.floor(self.sparsity * cols + 1e-9)
 
 
-Pattern = Unstructured | NM | Structured
+WIDTH_FRACTIONS = {"mlp": "intermediate_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads"}
 
-_HELP = "use unstructured:P (0<=P<1), N:M (0<N<M, e.g. 2:4) or structured:P (0<=P<1)"
+
+@dataclass(frozen=True)
+class Width:
+    """Per config field (intermediate_size, num_attention_heads, num_key_value_heads): a fraction of
+    the units to remove, or the count to keep. Resolved against a model by width.plan."""
+
+    fractions: tuple[tuple[str, float], ...] = ()
+    targets: tuple[tuple[str, int], ...] = ()
+
+    def __str__(self) -> str:
+        short = {v: k for k, v in WIDTH_FRACTIONS.items()}
+        parts = [f"{short[k]}={v:g}" for k, v in self.fractions] + [f"{k}={v}" for k, v in self.targets]
+        return "width:" + ",".join(parts)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Exactly these input columns are removed from every row (sorted indices)."""
+
+    index: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"columns:{len(self.index)}"
+
+
+Pattern = Unstructured | NM | Structured | Width | Columns
+
+_HELP = "use unstructured:P (0<=P<1), N:M (0<N<M, e.g. 2:4), structured:P (0<=P<1) or width:mlp=F,heads=F (see --help)"
+_WIDTH_HELP = ("write width:KEY=VALUE[,KEY=VALUE]: fractions removed as mlp=, heads=, kv_heads= (0 <= F < 1), or counts kept "
+               "as intermediate_size=, num_attention_heads=, num_key_value_heads=")
+
+
+def _parse_width(text: str, body: str) -> Width:
+    fractions, targets = {}, {}
+    for pair in (p.strip() for p in body.split(",")):
+        key, sep, value = (s.strip() for s in pair.partition("="))
+        if not sep or not key or not value:
+            raise UserError(f"invalid pattern '{text}': '{pair}' is not KEY=VALUE; {_WIDTH_HELP}")
+        field = WIDTH_FRACTIONS.get(key, key)
+        if field in fractions or field in targets:
+            raise UserError(f"invalid pattern '{text}': {field} is given twice; give each width once")
+        if key in WIDTH_FRACTIONS:
+            try:
+                fraction = float(value)
+            except ValueError:
+                raise UserError(f"invalid pattern '{text}': {key}={value} is not a number; {_WIDTH_HELP}") from None
+            if not 0.0 <= fraction < 1.0:
+                raise UserError(f"invalid pattern '{text}': {key}={value} must be a fraction in [0, 1) of the units to remove")
+            fractions[field] = fraction
+        elif key in WIDTH_FRACTIONS.values():
+            if not value.isdigit() or int(value) < 1:
+                raise UserError(f"invalid pattern '{text}': {key}={value} must be a whole number of units to keep, at least 1")
+            targets[field] = int(value)
+        else:
+            raise UserError(f"invalid pattern '{text}': unknown key '{key}'; {_WIDTH_HELP}")
+    return Width(tuple(sorted(fractions.items())), tuple(sorted(targets.items())))
 
 
 def parse_pattern(text: str | Pattern) -> Pattern:
     """Parse '2:4', 'unstructured:0.5' or 'structured:0.3' into a pattern object."""
-    if isinstance(text, (Unstructured, NM, Structured)):
+    if isinstance(text, (Unstructured, NM, Structured, Width, Columns)):
         return text
     spec = str(text).strip().lower()
+    if spec.startswith("width:"):
+        return _parse_width(str(text).strip(), spec[len("width:"):])
     if m := re.fullmatch(r"(\d+):(\d+)", spec):
         n, m_ = int(m.group(1)), int(m.group(2))
         if not 0 < n < m_:
@@ -135,14 +198,23 @@ def n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def column_mask(pattern: Columns, rows: int, cols: int, device=None) -> torch.Tensor:
+    """True in the given columns of every row."""
+    dropped = torch.zeros(cols, dtype=torch.bool, device=device)
+    dropped[list(pattern.index)] = True
+    return dropped.unsqueeze(0).expand(rows, cols).clone()
+
+
 def mask_for(pattern: Pattern, scores: torch.Tensor, *, per_row: bool) -> torch.Tensor:
     """The mask a score-only method (magnitude, Wanda) prunes.
 
     unstructured: the P smallest per row (`per_row`, Wanda's comparison group) or over the whole
     matrix (magnitude's single threshold); N:M: the N smallest of every group; structured: the
-    columns with the smallest mean score.
+    columns with the smallest mean score; columns: exactly those.
     """
     rows, cols = scores.shape
+    if isinstance(pattern, Columns):
+        return column_mask(pattern, rows, cols, scores.device)
     if isinstance(pattern, NM):
         return n_of_m(scores, pattern.n, pattern.m)
     if isinstance(pattern, Structured):

@@ -20,6 +20,7 @@ from . import magnitude, sparsegpt, thanos, wanda
 class Method:
     name: str
     prune: Callable
+    column_score: Callable  # column_score(weight, stats) -> [in]: how much each input column matters (width patterns pick units by it)
     needs_hessian: bool = False
     configure: Callable | None = None  # configure(pattern, options) -> options: checks, pattern-dependent defaults
 
@@ -47,10 +48,10 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "thanos": Method("thanos", thanos.prune, needs_hessian=True, configure=thanos.configure),
-    "sparsegpt": Method("sparsegpt", sparsegpt.prune, needs_hessian=True, configure=sparsegpt.configure),
-    "wanda": Method("wanda", wanda.prune),
-    "magnitude": Method("magnitude", magnitude.prune),
+    "thanos": Method("thanos", thanos.prune, thanos.column_score, needs_hessian=True, configure=thanos.configure),
+    "sparsegpt": Method("sparsegpt", sparsegpt.prune, sparsegpt.column_score, needs_hessian=True, configure=sparsegpt.configure),
+    "wanda": Method("wanda", wanda.prune, wanda.column_score),
+    "magnitude": Method("magnitude", magnitude.prune, magnitude.column_score),
 }
 
 

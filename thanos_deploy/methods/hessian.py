@@ -25,6 +25,11 @@ from ..patterns import NM, Pattern
 RETRIES = 4
 
 
+def column_score(weight: torch.Tensor, stats) -> torch.Tensor:
+    """(Σ_r W_rj²)·‖X_j‖²: what removing column j alone costs, to a diagonal approximation of H."""
+    return weight.float().square().sum(0) * stats.sq_norms.float()
+
+
 def check_options(pattern: Pattern, options: dict) -> dict:
     """Checks shared by the Hessian-based methods: positive sizes, N:M-aligned blocks, damping > 0."""
     for name in ("block_size", "row_batch"):

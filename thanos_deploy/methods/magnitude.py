@@ -11,6 +11,11 @@ from ..patterns import Pattern, mask_for
 from ..pipeline.stats import Stats
 
 
+def column_score(weight: torch.Tensor, stats: Stats) -> torch.Tensor:
+    """Σ_r |W_rj|: the magnitude of a whole input column."""
+    return weight.abs().float().sum(0)
+
+
 def prune(weight: torch.Tensor, stats: Stats, pattern: Pattern) -> torch.Tensor:
     mask = mask_for(pattern, weight.abs().float(), per_row=False)
     return weight.masked_fill(mask, 0)

@@ -9,7 +9,9 @@ Masks, as in the official code:
 - unstructured: per block, the entries with W²/U_ii² at most the ⌊P·c·Bs⌋-th smallest (ties included);
 - N:M: every M columns, the N smallest W²/U_ii² of the *current* (already updated) weights;
 - structured: per block, the ⌈P·Bs⌉ columns with the smallest mean W²/U_ii² (the column baseline
-  of the Thanos repository).
+  of the Thanos repository);
+- columns (the consumer of the units a width pattern removes): exactly those, each compensated on
+  the columns to its right, SparseGPT's order.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import math
 
 import torch
 
-from ..patterns import NM, Pattern, Structured, n_of_m, smallest
+from ..patterns import NM, Columns, Pattern, Structured, column_mask, n_of_m, smallest
 from ..pipeline.stats import Stats
 from .hessian import check_options as configure  # noqa: F401  (the registry calls sparsegpt.configure)
-from .hessian import dead_columns, inverse_cholesky
+from .hessian import column_score, dead_columns, inverse_cholesky  # noqa: F401  (the registry reads sparsegpt.column_score)
 
 
 def prune(weight: torch.Tensor, stats: Stats, pattern: Pattern, *, block_size: int = 128, percdamp: float = 0.01) -> torch.Tensor:
@@ -35,7 +37,9 @@ def prune(weight: torch.Tensor, stats: Stats, pattern: Pattern, *, block_size: i
         d = U1.diagonal()
         Err1 = torch.zeros_like(W1)
         saliency = W1.square() / d.square()
-        if isinstance(pattern, NM):
+        if isinstance(pattern, Columns):
+            mask1 = column_mask(pattern, rows, cols, W.device)[:, i1:i2]
+        elif isinstance(pattern, NM):
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         elif isinstance(pattern, Structured):
             drop = smallest(saliency.mean(0), math.ceil(pattern.sparsity * (i2 - i1) - 1e-9))

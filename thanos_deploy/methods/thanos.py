@@ -16,7 +16,8 @@ min(|q_r|, B - |q_r|) (Cholesky-solved in batches of `row_batch` rows; rows are 
 so a batch pads little).
 
 Structured: the s columns with the smallest (Σ_r W_rj²)·‖X_j‖² are removed from every non-outlier
-row at once: W -= W[:, Q] (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}, one shared s x s system.
+row at once: W -= W[:, Q] (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}, one shared s x s system. Columns (the consumer of
+the units a width pattern removes): the same update on the given Q, every row.
 
 Outlier rows (`alpha`, N:M and structured): the ⌊α·c⌋ rows with the largest Σ_j W_ij²‖X_j‖² are
 left dense; every other row holds the pattern exactly.
@@ -30,14 +31,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import UserError
-from ..patterns import NM, Pattern, Structured, Unstructured, n_of_m, smallest
+from ..patterns import NM, Columns, Pattern, Structured, Unstructured, Width, n_of_m, smallest
 from ..pipeline.stats import Stats
-from .hessian import check_options, dead_columns, inverse_cholesky, outlier_rows, trailing_inverse
+from .hessian import check_options, column_score, dead_columns, inverse_cholesky, outlier_rows, trailing_inverse  # noqa: F401
 
 
 def configure(pattern: Pattern, options: dict) -> dict:
     """Pattern-dependent defaults (α = 0.1 for structured, else 0) and range checks."""
     alpha = options["alpha"]
+    if alpha is not None and alpha > 0 and isinstance(pattern, (Width, Columns)):
+        raise UserError("--alpha keeps dense outlier rows, which a plain architecture has no place for: use --alpha 0 with width patterns")
     if alpha is None:
         alpha = 0.1 if isinstance(pattern, Structured) else 0.0
     if not 0.0 <= alpha <= 0.5:
@@ -68,7 +71,9 @@ def prune(
     dense = outlier_rows(W, sq_norms, alpha)
     U = inverse_cholesky(H, percdamp)
     active = W[~dense]
-    if isinstance(pattern, Structured):
+    if isinstance(pattern, Columns):
+        active = _remove_columns(active, U, torch.tensor(pattern.index, dtype=torch.long, device=W.device))
+    elif isinstance(pattern, Structured):
         active = _structured(active, U, sq_norms, structured_columns(pattern, W.shape[1], alpha))
     else:
         active = _blockwise(active, U, sq_norms.sqrt(), pattern, block_size, row_batch)
@@ -183,7 +188,13 @@ def _structured(W: torch.Tensor, U: torch.Tensor, sq_norms: torch.Tensor, s: int
     if s <= 0 or W.shape[0] == 0:
         return W
     score = W.square().sum(0) * sq_norms
-    Q = torch.nonzero(smallest(score, s)).squeeze(1)
+    return _remove_columns(W, U, torch.nonzero(smallest(score, s)).squeeze(1))
+
+
+def _remove_columns(W: torch.Tensor, U: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """W without the columns Q, the rest moved to minimise ‖ΔW X‖²: W -= W[:, Q] (H⁻¹_QQ)⁻¹ H⁻¹_{Q,:}."""
+    if len(Q) == 0 or W.shape[0] == 0:
+        return W
     Hinv_Q = U[:, Q].T @ U  # rows Q of H⁻¹ = UᵀU
     L = torch.linalg.cholesky(Hinv_Q[:, Q])
     W = W - W[:, Q] @ torch.cholesky_solve(Hinv_Q, L)

@@ -16,6 +16,11 @@ def scores(weight: torch.Tensor, stats: Stats) -> torch.Tensor:
     return weight.abs().float() * stats.sq_norms.sqrt().unsqueeze(0)
 
 
+def column_score(weight: torch.Tensor, stats: Stats) -> torch.Tensor:
+    """Σ_r |W_rj|·‖X_j‖: the Wanda metric of a whole input column."""
+    return scores(weight, stats).sum(0)
+
+
 def prune(weight: torch.Tensor, stats: Stats, pattern: Pattern) -> torch.Tensor:
     mask = mask_for(pattern, scores(weight, stats), per_row=True)
     return weight.masked_fill(mask, 0)

@@ -23,10 +23,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from .. import models
+from .. import models, width
 from ..errors import UserError
 from ..methods import get_method
-from ..patterns import parse_pattern
+from ..patterns import Width, parse_pattern
 from ..targets import select
 from . import activations, numerics
 from .stats import InputStats
@@ -110,9 +110,11 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, *, device, batch_tokens:
 
 
 @torch.no_grad()
-def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options: dict, *, index: int = 0, on_linear=None, subs=None, spill: Path | None = None):
-    """Prune the linears `subs` (default: every linear) of one decoder layer in place; return
-    (report, inputs of the next layer), whose hidden states are in memory or, given `spill`, in that file."""
+def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options: dict, *, index: int = 0, on_linear=None, subs=None,
+                spill: Path | None = None, units: width.Units | None = None, widths: width.Widths | None = None):
+    """Prune the linears `subs` (default: every linear) of one decoder layer in place, or with a
+    width pattern its `units`; return (report, inputs of the next layer), whose hidden states are
+    in memory or, given `spill`, in that file."""
     t0 = time.perf_counter()
     subs = models.linears(layer) if subs is None else subs
     tokens = sum(shape[0] * shape[1] for shape in activations.shapes(inputs.hidden))
@@ -126,6 +128,19 @@ def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options:
 
     report = {"index": index, "linears": [], "groups": collector.groups()}
     t_prune = 0.0
+    if units is not None:
+        for name in (units.mlp_consumer, units.attn_consumer):
+            numerics.check_statistics(collector[name], f"layers.{index}.{name}")
+        t1 = time.perf_counter()
+        report["units"], before = width.prune_units(method, options, units, layer, collector.__getitem__, widths)
+        t_prune = time.perf_counter() - t1
+        for name, weight in before.items():
+            new = layer.get_submodule(name).weight.data
+            numerics.check_weight(new, f"layers.{index}.{name}")
+            report["linears"].append({"name": name, "shape": list(weight.shape), "sparsity": float((new == 0).float().mean()),
+                                      "relative_error": collector[name].relative_error(weight, new), "error_tokens": collector[name].error_tokens,
+                                      "seconds": round(t_prune / len(before), 4)})
+        subs = {}
     for name, linear in subs.items():
         if on_linear:
             on_linear(name)
@@ -198,6 +213,12 @@ def compress_model(
     opts = m.options(pattern, options)
     layers = models.decoder_layers(model)
     chosen = select(model, targets, ignore, pattern)
+    widths = units = None
+    if isinstance(pattern, Width):
+        if targets or ignore:
+            raise UserError("width patterns remove whole units from every decoder layer alike: drop --targets/--ignore")
+        widths = width.plan(pattern, model.config)
+        units = width.check_model(model, widths)
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     t0 = time.perf_counter()
@@ -219,7 +240,8 @@ def compress_model(
             home = next(layer.parameters()).device
             layer.to(device)
             on_linear = (lambda name, i=i: bar.update(task, description=f"{m.name} {pattern} · layer {i}.{name}")) if bar else None
-            report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear, subs=chosen[i], spill=spill(i + 1))
+            report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear, subs=chosen[i], spill=spill(i + 1),
+                                         units=units[i] if units else None, widths=widths)
             layer.to(home)
             reports.append(report)
             if store:
