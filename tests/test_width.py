@@ -151,7 +151,27 @@ def test_cli_prints_the_widths_and_refuses_bad_widths_cleanly(tmp_path, tiny_fol
         assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.partial").exists()
 
 
-def test_a_family_whose_heads_cannot_be_found_is_refused_naming_the_module(tmp_path):
-    model = tiny_model("gpt_neox")
-    with pytest.raises(UserError, match=r"attention\.query_key_value fuses queries, keys and values"):
-        compress_model(model, random_ids(2, 16), method="thanos", pattern=PATTERN)
+@pytest.mark.parametrize("kind, pattern, match", [
+    ("gpt_neox", PATTERN, r"attention\.query_key_value fuses queries, keys and values"),  # per-head interleaved
+    ("falcon", PATTERN, r"self_attention\.query_key_value \(128 outputs\)"),
+    ("olmo2", PATTERN, r"self_attn\.q_norm\.weight acts on all heads together"),  # a norm over heads×head_dim
+    ("stablelm", PATTERN, "does not build these widths from a plain config"),  # head_dim from hidden_size / heads
+])
+def test_a_family_whose_heads_cannot_be_pruned_is_refused_naming_the_module(tmp_path, kind, pattern, match):
+    tiny_model(kind).save_pretrained(tmp_path / "dense")
+    save_file({"input_ids": random_ids(2, 32)}, tmp_path / "ids.safetensors")
+    with pytest.raises(UserError, match=match):
+        oneshot(str(tmp_path / "dense"), tmp_path / "plain", method="thanos", pattern=pattern, calib_tokens=tmp_path / "ids.safetensors")
+    assert not (tmp_path / "plain").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "granite", "cohere"])
+def test_width_pruning_across_families_matches_the_masked_model(tmp_path, kind):
+    tiny_model(kind).save_pretrained(tmp_path / "dense")
+    save_file({"input_ids": random_ids(4, 32)}, tmp_path / "ids.safetensors")
+    result = oneshot(str(tmp_path / "dense"), tmp_path / "plain", method="thanos", pattern=PATTERN, calib_tokens=tmp_path / "ids.safetensors")
+    masked = tiny_model(kind)
+    compress_model(masked, random_ids(4, 32), method="thanos", pattern=PATTERN)
+    ids = random_ids(2, 16, seed=3)
+    with torch.no_grad():
+        assert (result.model(ids).logits - masked(ids).logits).abs().max() < 1e-4

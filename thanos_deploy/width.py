@@ -133,14 +133,38 @@ def find_units(layer: nn.Module, config, where: str) -> Units:
     q = [n for n, m in siblings.items() if m.out_features == heads * head_dim]
     k_v = [n for n, m in siblings.items() if m.out_features == kv * head_dim and n not in q[:1]]
     if len(q) < 1 or len(k_v) != 2:
-        raise UserError(f"width: cannot find the query, key and value projections of {where} next to {attn[0]}: this attention layout is not supported")
+        fused = ", ".join(f"{where}.{n} ({m.out_features} outputs)" for n, m in siblings.items())
+        raise UserError(f"width: cannot find separate query, key and value projections of {where} next to {attn[0]} (found {fused or 'none'}): "
+                        "this attention layout is not supported; prune this family with structured:P instead")
     return Units(consumer, mlp_producers, attn[0], (q[0], 0), ((k_v[0], 0), (k_v[1], 0)))
+
+
+def check_heads(layer: nn.Module, units: Units, widths: Widths, where: str) -> None:
+    """Removing heads must leave the other heads' arithmetic alone: a norm over all heads together
+    (OLMo 2's q_norm over heads×head_dim) would change, so such a family keeps its heads."""
+    (_, heads, kv), d = widths.old, widths.head_dim
+    if widths.new[1:] == widths.old[1:]:
+        return
+    path = units.attn_consumer.rpartition(".")[0]
+    parent = layer.get_submodule(path) if path else layer
+    for name, module in parent.named_modules():
+        name = ".".join(filter(None, (path, name)))
+        if isinstance(module, nn.Linear):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.ndim == 1 and p.numel() in (heads * d, kv * d) and p.numel() != d:
+                raise UserError(f"width: {where}.{name}.{pname} acts on all heads together ({p.numel()} values): removing heads would change it; "
+                                "prune MLP neurons only (width:mlp=F) for this family")
 
 
 def check_model(model: nn.Module, widths: Widths) -> list[Units]:
     """Every layer's units, before any work (a layout this cannot read fails here)."""
     prefix = models.layer_prefix(model, 0).rpartition(".")[0]
-    return [find_units(layer, model.config, f"{prefix}.{i}") for i, layer in enumerate(models.decoder_layers(model))]
+    units = []
+    for i, layer in enumerate(models.decoder_layers(model)):
+        units.append(find_units(layer, model.config, f"{prefix}.{i}"))
+        check_heads(layer, units[-1], widths, f"{prefix}.{i}")
+    return units
 
 
 def choose(method, units: Units, layer: nn.Module, stats_of, widths: Widths) -> dict:
