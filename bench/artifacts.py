@@ -151,6 +151,8 @@ def what_ran(artifact: Artifact, backend: str, device: str, runner, target: Path
             return f"torch {device}: {pattern} packed, run dense (no sparse kernels on {device}: expect 1.0×)", False
         if storage == "shrunk":
             return f"torch {device}: smaller dense matmuls ({pattern} columns removed)", False
+        if storage == "plain":
+            return f"torch {device}: smaller dense matmuls and fewer heads ({pattern}: a plain narrower config)", False
         return f"torch {device}: dense matmuls" + (f" ({pattern} zeros multiplied)" if pattern else ""), False
     if backend == "ort":
         report = target / "export_report.json" if target.is_dir() else target.parent / "export_report.json"

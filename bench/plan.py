@@ -16,9 +16,8 @@ from thanos_deploy import data, loading, models
 from thanos_deploy.compare import Run, expand_grid, plan_lines
 from thanos_deploy.errors import UserError
 from thanos_deploy.methods import get_method
-from thanos_deploy.oneshot import fresh_copy, oneshot
+from thanos_deploy.oneshot import check_model, fresh_copy, oneshot, prepare
 from thanos_deploy.patterns import parse_pattern
-from thanos_deploy.targets import select
 
 DEFAULT_PLAN = """\
 dense
@@ -27,6 +26,7 @@ dense
 structured:0.3  sparsegpt
 structured:0.3  thanos:alpha=0
 structured:0.3  thanos:alpha=0.1
+width:mlp=0.32,heads=0.33  thanos
 """
 
 
@@ -90,8 +90,8 @@ def build(model: str, plan: list[PlanRun], workdir: Path, *, calib: str = "auste
         ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=models.context_length(base, seqlen), seed=seed)
     data.check_tokens(ids, base.config.vocab_size)
     for run in plan:
-        if run.pattern:
-            select(base, pattern=parse_pattern(run.pattern))  # every plan's shapes fit before the first run starts
+        if run.pattern:  # every run fits the model before the first one starts
+            check_model(base, prepare(run.run.method, run.pattern, run.run.options, storage="auto"))
     folders = {}
     for run in plan:
         if on_run:

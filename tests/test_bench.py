@@ -103,7 +103,7 @@ def test_backend_perplexity_equals_the_model_perplexity(tiny_folder):
 def test_default_plan_is_the_standard_comparison():
     labels = [r.label for r in parse_plan(DEFAULT_PLAN)]
     assert labels == ["dense", "2:4 sparsegpt", "2:4 thanos alpha=0", "structured:0.3 sparsegpt",
-                      "structured:0.3 thanos alpha=0", "structured:0.3 thanos alpha=0.1"]
+                      "structured:0.3 thanos alpha=0", "structured:0.3 thanos alpha=0.1", "width:mlp=0.32,heads=0.33 thanos"]
 
 
 def test_plan_adds_dense_and_rejects_bad_lines():
@@ -163,14 +163,18 @@ def test_bench_artifacts_on_torch_end_to_end(tmp_path, tiny_folder):
 
 def test_bench_plan_on_torch_and_ort(tmp_path, tiny_folder):
     plan = tmp_path / "plan.txt"
-    plan.write_text("structured:0.25 wanda\n")
+    plan.write_text("structured:0.25 wanda\nwidth:mlp=0.25,heads=0.5 thanos\n")
     out = tmp_path / "bench"
     r = run_cli("bench", str(tiny_folder), "--plan", str(plan), "--backend", "torch", "--backend", "ort", "--nsamples", "4", "--seqlen", "32",
                 "--batch-sizes", "2", "--prompt-lengths", "16", "--decode-tokens", "2", "--reps", "2", "--eval-windows", "2",
                 "--eval-seqlen", "32", "--no-peak-memory", "--out", str(out))
     assert r.returncode == 0, r.stderr
     rows = {row["label"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
-    assert set(rows) == {"dense [torch]", "dense [ort]", "structured:0.25 wanda [torch]", "structured:0.25 wanda [ort]"}
+    assert set(rows) == {"dense [torch]", "dense [ort]", "structured:0.25 wanda [torch]", "structured:0.25 wanda [ort]",
+                         "width:mlp=0.25,heads=0.5 thanos [torch]", "width:mlp=0.25,heads=0.5 thanos [ort]"}
+    plain = rows["width:mlp=0.25,heads=0.5 thanos [torch]"]
+    assert plain["storage"] == "plain" and "plain narrower config" in plain["what_ran"] and plain["flop_bound_speedup"] > 1.0
+    assert rows["width:mlp=0.25,heads=0.5 thanos [ort]"]["perplexity"] == plain["perplexity"]
     shrunk_ort, shrunk_torch = rows["structured:0.25 wanda [ort]"], rows["structured:0.25 wanda [torch]"]
     assert shrunk_ort["dense"] == "dense [ort]" and shrunk_torch["dense"] == "dense [torch]"  # ratios within one backend
     assert shrunk_ort["what_ran"].startswith("ONNX Runtime cpu") and "columns removed" in shrunk_torch["what_ran"]

@@ -130,6 +130,20 @@ def versions() -> dict:
     return out
 
 
+def check_model(model: nn.Module, job: Job) -> str | None:
+    """The checks of a request against the model, before any work: targets and shapes; for a width
+    pattern, its units in every layer and (written plain) the config that builds the new widths.
+    Returns what a width pattern resolved to, to show the user."""
+    select(model, job.targets, job.ignore, job.pattern)
+    if not isinstance(job.pattern, Width):
+        return None
+    widths = width.plan(job.pattern, model.config)
+    units = width.check_model(model, widths)
+    if job.storage == "plain":
+        width.plain_config(model, units, widths)
+    return f"{job.pattern}: {widths.describe()}"
+
+
 def calibration_ids(model: nn.Module, tokenizer, *, ids: torch.Tensor | None = None, calib: str = "austen", nsamples: int = 128,
                     seqlen: int = 2048, seed: int = 0, docs: list[str] | None = None) -> torch.Tensor:
     """Calibration windows [n, seqlen] for `model`: `ids` as given, or drawn from a text source
@@ -281,13 +295,9 @@ def oneshot(
                 net, tokenizer, weights = load_skeleton(model, dtype=dtype)
             else:
                 (net, tokenizer), weights = loading.load(model, dtype=dtype), None
-        select(net, job.targets, job.ignore, job.pattern)
-        if isinstance(job.pattern, Width):
-            widths = width.plan(job.pattern, net.config)
-            if job.storage == "plain":
-                width.plain_config(net, width.check_model(net, widths), widths)
-            if say:
-                say(f"{job.pattern}: {widths.describe()}")
+        decided = check_model(net, job)
+        if decided and say:
+            say(decided)
         with status(f"tokenizing calibration data '{calib}'"):
             ids = calibration_ids(net, tokenizer, ids=calib_ids, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, docs=docs)
         calibration = {"source": str(calib_tokens) if calib_tokens is not None else calib, "seed": None if calib_tokens is not None else seed}
