@@ -60,13 +60,14 @@ def config_widths(config) -> tuple[tuple[int, int, int], int]:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return (mlp_width(config), heads, kv), head_dim
+    return (getattr(config, mlp_field(config)), heads, kv), head_dim
 
 
-def mlp_width(config) -> int:
+def mlp_field(config) -> str:
+    """The config field that holds the MLP width (families name it differently)."""
     for field in ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner"):
         if isinstance(getattr(config, field, None), int):
-            return getattr(config, field)
+            return field
     raise UserError(f"unsupported architecture '{config.model_type}': its config names no MLP width (intermediate_size or similar)")
 
 
@@ -222,7 +223,7 @@ def plain_config(model: nn.Module, units: list[Units], widths: Widths) -> tuple[
     heads, (new_mlp, new_heads, new_kv), d = widths.old[1], widths.new, widths.head_dim
     config = copy.deepcopy(model.config)
     changed = {}
-    for field, new in ((_mlp_field(config), new_mlp), ("num_attention_heads", new_heads), ("num_key_value_heads", new_kv)):
+    for field, new in ((mlp_field(config), new_mlp), ("num_attention_heads", new_heads), ("num_key_value_heads", new_kv)):
         if getattr(config, field, None) is not None and getattr(config, field) != new:
             changed[field] = [getattr(config, field), new]
             setattr(config, field, new)
@@ -261,10 +262,6 @@ def narrow(model: nn.Module, units: list[Units], kept: list[dict], widths: Width
         layer.set_submodule(u.attn_consumer, _sliced(layer.get_submodule(u.attn_consumer), cols=[h * d + j for h in k["heads"] for j in range(d)]))
     model.config = config
     return changed
-
-
-def _mlp_field(config) -> str:
-    return next(f for f in ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner") if isinstance(getattr(config, f, None), int))
 
 
 def _sliced(linear: nn.Linear, *, rows: list[int] | None = None, cols: list[int] | None = None) -> nn.Linear:
