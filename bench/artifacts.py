@@ -1,5 +1,5 @@
 """What `bench` can measure: the artifacts this tool writes, how each runs on each backend, and the
-facts reported next to its speed (bytes, FLOP bound, pruning time, what actually ran sparse).
+facts reported next to its speed (bytes, model-FLOP ratio, pruning time, what actually ran sparse).
 
 checkpoint (masked, shrunk or packed folder)  → torch; ort after an ONNX export; tensorrt after
                                                 an fp16 export and an engine build
@@ -135,6 +135,25 @@ def linear_macs(model, sparse_kernels: bool) -> float:
     head = model.get_output_embeddings()
     ran = lambda r: r["flops_vs_dense"] if sparse_kernels or not r["storage"].startswith("packed") else 1.0  # noqa: E731
     return sum(ran(r) * r["shape"][0] * r["shape"][1] for r in rows) + head.in_features * head.out_features
+
+
+def attention_macs_per_position(config) -> float | None:
+    """Multiply-adds one token spends per position it attends to: QKᵀ and AV in every layer's query
+    heads. Column pruning leaves it; fewer heads shrink it (and the KV cache)."""
+    heads, layers = getattr(config, "num_attention_heads", None), getattr(config, "num_hidden_layers", None)
+    if not heads or not layers:
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * layers * heads * head_dim
+
+
+def flop_ratio(dense: dict, candidate: dict, positions: float) -> float | None:
+    """Dense model multiply-adds per token over the candidate's, attending to `positions` on average."""
+    def macs(facts: dict) -> float | None:
+        linear, attention = facts.get("linear_macs_per_token"), facts.get("attention_macs_per_position")
+        return None if linear is None or attention is None else linear + attention * positions
+    d, c = macs(dense), macs(candidate)
+    return d / c if d and c else None
 
 
 def what_ran(artifact: Artifact, backend: str, device: str, runner, target: Path) -> tuple[str, bool]:

@@ -115,6 +115,24 @@ def tradeoffs(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def recovery_curves(curves: dict[str, list[dict]], path, title: str, dense: float | None = None) -> None:
+    """Evaluation perplexity during `recover`, one line per run: against tokens trained and
+    against wall-clock seconds (the log's 'tokens', 'seconds' and 'perplexity'); `path` may be a file object."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (ax, key, label) in zip(axes, ("tokens", "seconds"), ("tokens trained", "wall-clock seconds")):
+        for name, log in curves.items():
+            ax.plot([e[key] for e in log], [e["perplexity"] for e in log], marker="o", ms=3, label=name)
+        if dense is not None:
+            ax.axhline(dense, color="grey", ls=":", lw=1, label=f"dense ({dense:.2f})")
+        ax.set(xlabel=label, ylabel="evaluation perplexity")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
 def _plain_log_ticks(axis) -> None:
     """Ticks at 1, 2, 5 × 10^k labelled as plain numbers (matplotlib's default labels every minor
     tick of a short log axis as 2×10⁰, 3×10⁰, ..., which overlap)."""

@@ -4,8 +4,8 @@ bench.md) and the one-line description of a run."""
 from __future__ import annotations
 
 
-def _speed(s: dict) -> str:
-    return f"{s['ratio']:.2f}× [{s['low']:.2f}, {s['high']:.2f}]"
+def _speed(s: dict, flops: float | None = None) -> str:
+    return f"{s['ratio']:.2f}× [{s['low']:.2f}, {s['high']:.2f}]" + (f" (FLOPs {flops:.2f}×)" if flops else "")
 
 
 def _mib(n) -> str:
@@ -14,30 +14,30 @@ def _mib(n) -> str:
 
 def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of the speed table and the cost table; rendered as Markdown and by Rich."""
-    speed_header = ["candidate", "batch×prompt", "prefill ms p50/p90/p99", "prefill tok/s", "prefill speed-up",
-                    "decode ms/token p50/p90/p99", "decode tok/s", "decode speed-up"]
+    speed_header = ["candidate", "batch×prompt", "prefill ms p50/p90/p99", "prefill tok/s", "prefill speed-up (model-FLOP ratio)",
+                    "decode ms/token p50/p90/p99", "decode tok/s", "decode speed-up (model-FLOP ratio)"]
     speed_rows, cost_rows = [], []
     for row in result["rows"]:
         for key, s in row["speed"].items():
             p, d = s["prefill"], s["decode"]
             speed_rows.append([
                 row["label"], key.replace("x", "×"), f"{p['p50'] * 1e3:.1f} / {p['p90'] * 1e3:.1f} / {p['p99'] * 1e3:.1f}",
-                f"{s['prefill_tokens_per_s']:.0f}", _speed(s["prefill_speedup"]),
-                f"{d['p50'] * 1e3:.1f} / {d['p90'] * 1e3:.1f} / {d['p99'] * 1e3:.1f}", f"{s['decode_tokens_per_s']:.1f}", _speed(s["decode_speedup"]),
+                f"{s['prefill_tokens_per_s']:.0f}", _speed(s["prefill_speedup"], s.get("prefill_flop_ratio")),
+                f"{d['p50'] * 1e3:.1f} / {d['p90'] * 1e3:.1f} / {d['p99'] * 1e3:.1f}", f"{s['decode_tokens_per_s']:.1f}", _speed(s["decode_speedup"], s.get("decode_flop_ratio")),
             ])
         ppl = row.get("perplexity")
         mem = row.get("memory") or {}
         secs = row.get("pruning_seconds") or {}
-        bound = row.get("flop_bound_speedup")
-        largest = row["speed"][max(row["speed"], key=lambda k: tuple(int(v) for v in k.split("x")))]["prefill_speedup"]["ratio"]
+        largest = row["speed"][max(row["speed"], key=lambda k: tuple(int(v) for v in k.split("x")))]
+        bound = largest.get("prefill_flop_ratio")
         cost_rows.append([
             row["label"], f"{ppl['perplexity']:.2f}" if ppl else "", _mib(row["bytes"]),
             _mib(mem.get("cuda_max_allocated_bytes") or mem.get("peak_rss_bytes")),
-            f"{bound:.2f}× (measured {largest / bound:.2f} of it)" if bound else "", f"{secs['total']:.0f} s (math {secs['prune']:.0f} s)" if secs.get("total") is not None else "",
+            f"{bound:.2f}× (measured {largest['prefill_speedup']['ratio'] / bound:.2f} of it)" if bound else "", f"{secs['total']:.0f} s (math {secs['prune']:.0f} s)" if secs.get("total") is not None else "",
             row["what_ran"],
         ])
     memory = "peak CUDA memory" if result["device"] == "cuda" else "peak RSS"
-    cost_header = ["candidate", "perplexity", "on disk", memory, "linear-FLOP bound (prefill, largest cell)", "pruning", "what ran"]
+    cost_header = ["candidate", "perplexity", "on disk", memory, "model-FLOP ratio (prefill, largest cell)", "pruning", "what ran"]
     return [("speed (speed-up = dense time / candidate time, median of paired repetitions, 95% bootstrap interval)", speed_header, speed_rows),
             ("cost", cost_header, cost_rows)]
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from thanos_deploy import checkpoint, data, loading
 from thanos_deploy.errors import UserError
@@ -122,7 +122,8 @@ def bench(
                             "bytes": artifacts.bytes_on_disk(targets[label]), "pruning_seconds": artifacts.pruning_seconds(art),
                             "pattern": (art.manifest or {}).get("pattern"), "method": (art.manifest or {}).get("method"),
                             "storage": (art.manifest or {}).get("storage"), "what_ran": ran,
-                            "linear_macs_per_token": _macs(art, runners[label], sparse_kernels)}
+                            "linear_macs_per_token": _macs(art, runners[label], sparse_kernels),
+                            "attention_macs_per_position": _attention_macs(art, runners[label])}
 
         scored = {}
         for label, art, _ in rows:
@@ -136,11 +137,12 @@ def bench(
         for backend in dict.fromkeys(b for _, _, b in rows):
             group = [label for label, _, b in rows if b == backend]
             speeds.update(timing.summary({k: raw[k] for k in group}, group[0]))
-            dense_macs = facts[group[0]]["linear_macs_per_token"]
             for label in group:
-                macs = facts[label]["linear_macs_per_token"]
-                facts[label]["flop_bound_speedup"] = dense_macs / macs if dense_macs and macs else None
                 facts[label]["dense"] = group[0]
+                for key, s in speeds[label].items():  # prefill attends to (L+1)/2 positions on average, decode to L + (T+1)/2
+                    length = int(key.split("x")[1])
+                    s["prefill_flop_ratio"] = artifacts.flop_ratio(facts[group[0]], facts[label], (length + 1) / 2)
+                    s["decode_flop_ratio"] = artifacts.flop_ratio(facts[group[0]], facts[label], length + (grid.decode_tokens + 1) / 2)
         del runners
         if peak_memory:
             for label, art, backend in rows:
@@ -176,6 +178,11 @@ def _macs(art: artifacts.Artifact, runner, sparse_kernels: bool) -> float | None
     if art.kind == "checkpoint":
         return artifacts.linear_macs(loading.load(str(art.path))[0], sparse_kernels)
     return None
+
+
+def _attention_macs(art: artifacts.Artifact, runner) -> float | None:
+    config = runner.model.config if hasattr(runner, "model") else (AutoConfig.from_pretrained(art.config_folder) if art.config_folder else None)
+    return artifacts.attention_macs_per_position(config) if config is not None else None
 
 
 def _eval_windows(dense: artifacts.Artifact, source: str, count: int, seqlen: int):

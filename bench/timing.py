@@ -45,6 +45,24 @@ def machine() -> dict:
     return {**info, "versions": versions}
 
 
+def matmul_rate(device: str | torch.device = "cpu", size: int = 2048, seconds: float = 0.5) -> float:
+    """This machine's float32 matrix-multiply rate in FLOP/s (square products of `size`, best of
+    about `seconds` of them): what a throughput is a fraction of."""
+    device = torch.device(device)
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    best, spent = float("inf"), 0.0
+    while spent < seconds or best == float("inf"):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        took = time.perf_counter() - t0
+        best, spent = min(best, took), spent + took
+    return 2 * size**3 / best
+
+
 # ------------------------------------------------------------------------------ statistics
 
 

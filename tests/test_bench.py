@@ -148,14 +148,14 @@ def test_bench_artifacts_on_torch_end_to_end(tmp_path, tiny_folder):
         assert s["prefill_tokens_per_s"] == pytest.approx(int(key.split("x")[0]) * 16 / s["prefill"]["p50"])
     assert dense["speed"]["1x16"]["prefill_speedup"]["ratio"] == 1.0
     assert "run dense" in cand["what_ran"] and "expect 1.0×" in cand["what_ran"]  # CPU: 2:4 does not run sparse
-    assert cand["flop_bound_speedup"] == pytest.approx(1.0)  # ... so its executed FLOPs equal dense
+    assert cand["speed"]["2x16"]["prefill_flop_ratio"] == pytest.approx(1.0)  # ... so its executed FLOPs equal dense
     assert cand["pruning_seconds"]["prune"] == checkpoint.read_manifest(packed)["seconds"]["prune"]
     assert cand["memory"]["peak_rss_bytes"] > 10 * 2**20 and cand["bytes"] == (packed / "model.safetensors").stat().st_size
     assert dense["perplexity"]["windows"] == 2 and cand["perplexity"]["perplexity"] > 1
     assert result["machine"]["versions"]["torch"] == torch.__version__
     assert result["command"].startswith("thanos-deploy bench")
     md = (out / "bench.md").read_text()
-    assert "| packed | 2×16 |" in md and "linear-FLOP bound" in md
+    assert "| packed | 2×16 |" in md and "model-FLOP ratio" in md
     for name in ("latency.png", "pareto.png"):
         blob = (out / name).read_bytes()
         assert blob[:8] == PNG_SIGNATURE and len(blob) > 1000
@@ -173,13 +173,22 @@ def test_bench_plan_on_torch_and_ort(tmp_path, tiny_folder):
     assert set(rows) == {"dense [torch]", "dense [ort]", "structured:0.25 wanda [torch]", "structured:0.25 wanda [ort]",
                          "width:mlp=0.25,heads=0.5 thanos [torch]", "width:mlp=0.25,heads=0.5 thanos [ort]"}
     plain = rows["width:mlp=0.25,heads=0.5 thanos [torch]"]
-    assert plain["storage"] == "plain" and "plain narrower config" in plain["what_ran"] and plain["flop_bound_speedup"] > 1.0
+    assert plain["storage"] == "plain" and "plain narrower config" in plain["what_ran"]
+    dense_torch = rows["dense [torch]"]
+    # half the query heads: half the attention multiply-adds; column pruning keeps them all
+    assert plain["attention_macs_per_position"] * 2 == dense_torch["attention_macs_per_position"]
+    assert rows["structured:0.25 wanda [torch]"]["attention_macs_per_position"] == dense_torch["attention_macs_per_position"]
+    cell = plain["speed"]["2x16"]
+    linear = dense_torch["linear_macs_per_token"], plain["linear_macs_per_token"]
+    attention = dense_torch["attention_macs_per_position"], plain["attention_macs_per_position"]
+    assert cell["prefill_flop_ratio"] == pytest.approx((linear[0] + attention[0] * 8.5) / (linear[1] + attention[1] * 8.5))
+    assert cell["decode_flop_ratio"] == pytest.approx((linear[0] + attention[0] * 17.5) / (linear[1] + attention[1] * 17.5))
     assert rows["width:mlp=0.25,heads=0.5 thanos [ort]"]["perplexity"] == plain["perplexity"]
     shrunk_ort, shrunk_torch = rows["structured:0.25 wanda [ort]"], rows["structured:0.25 wanda [torch]"]
     assert shrunk_ort["dense"] == "dense [ort]" and shrunk_torch["dense"] == "dense [torch]"  # ratios within one backend
     assert shrunk_ort["what_ran"].startswith("ONNX Runtime cpu") and "columns removed" in shrunk_torch["what_ran"]
     assert shrunk_ort["perplexity"] == shrunk_torch["perplexity"]  # scored once per artifact
-    assert shrunk_torch["flop_bound_speedup"] > 1.0 and shrunk_torch["storage"] == "shrunk"
+    assert shrunk_torch["speed"]["2x16"]["prefill_flop_ratio"] > 1.0 and shrunk_torch["storage"] == "shrunk"
     assert shrunk_ort["target"].endswith("-onnx") and shrunk_ort["bytes"] > 0
     assert (out / "latency.png").read_bytes()[:8] == PNG_SIGNATURE
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from thanos_deploy import compress_model, oneshot
+from thanos_deploy import compress_model, models, oneshot
 from thanos_deploy.errors import UserError
 from thanos_deploy.methods import get_method
 from thanos_deploy.patterns import Columns, parse_pattern
@@ -40,17 +40,42 @@ def test_thanos_on_given_columns_is_the_least_squares_optimum():
     assert torch.allclose(new[:, K], expected, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "activation"])
 def test_every_method_zeroes_exactly_the_given_columns(method):
     g = torch.Generator().manual_seed(1)
     X, W = torch.randn(300, 16, generator=g), torch.randn(6, 16, generator=g)
-    new = get_method(method).prune(W, Stats.from_inputs(X, hessian=True), Columns((0, 7, 15)), **({} if method in ("wanda", "magnitude") else {}))
+    new = get_method(method).prune(W, Stats.from_inputs(X, hessian=True), Columns((0, 7, 15)))
     assert torch.all(new[:, [0, 7, 15]] == 0)
     untouched = [j for j in range(16) if j not in (0, 7, 15)]
-    if method in ("wanda", "magnitude"):
+    if method in ("wanda", "magnitude", "activation"):
         assert torch.equal(new[:, untouched], W[:, untouched])  # no update
     else:
         assert not torch.equal(new[:, untouched], W[:, untouched])  # compensated
+
+
+def test_activation_importance_removes_the_quietest_neurons_and_updates_nothing():
+    """Minitron's ranking: the MLP neurons whose activations (down_proj's inputs) carry the least
+    energy on the calibration tokens go; the weights that stay are the dense ones."""
+    ids, dense = random_ids(4, 32), tiny_model("llama")
+    seen = []
+    down = models.decoder_layers(dense)[0].mlp.down_proj
+    hook = down.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].reshape(-1, inputs[0].shape[-1])))
+    with torch.no_grad():
+        dense(ids)
+    hook.remove()
+    quietest = torch.cat(seen).double().pow(2).sum(0).argsort()[: down.in_features // 4]
+    pruned = tiny_model("llama")
+    compress_model(pruned, ids, method="activation", pattern="width:mlp=0.25")
+    weight = models.decoder_layers(pruned)[0].mlp.down_proj.weight
+    removed = (weight == 0).all(0).nonzero().flatten()
+    assert sorted(removed.tolist()) == sorted(quietest.tolist())
+    kept = [j for j in range(down.in_features) if j not in set(removed.tolist())]
+    assert torch.equal(weight[:, kept], down.weight[:, kept])
+
+
+def test_activation_importance_refuses_single_weight_patterns():
+    with pytest.raises(UserError, match="ranks whole units.*width"):
+        get_method("activation").options(parse_pattern("2:4"), {})
 
 
 # ---------------------------------------------------------------- widths: spellings, rounding, refusals
@@ -175,3 +200,16 @@ def test_width_pruning_across_families_matches_the_masked_model(tmp_path, kind):
     ids = random_ids(2, 16, seed=3)
     with torch.no_grad():
         assert (result.model(ids).logits - masked(ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("storage, pattern", [("plain", PATTERN), ("masked", "2:4"), ("packed", "2:4")])
+def test_configs_carry_the_rope_keys_older_transformers_read(tmp_path, storage, pattern):
+    """transformers 4.x (Optimum's pin) reads rope_theta, not rope_parameters, and silently uses its
+    default otherwise: every artifact's config.json carries both."""
+    model = tiny_model("llama")
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 12345.0}
+    model.save_pretrained(tmp_path / "dense")
+    save_file({"input_ids": random_ids(4, 32)}, tmp_path / "ids.safetensors")
+    oneshot(str(tmp_path / "dense"), tmp_path / "out", method="wanda", pattern=pattern, storage=storage, calib_tokens=tmp_path / "ids.safetensors")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 12345.0

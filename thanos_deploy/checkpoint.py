@@ -101,19 +101,39 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(model: nn.Module, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
-    """Save a pruned model with its manifest, atomically. `manifest['storage']` picks the layout."""
+def save(model: nn.Module, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False, extras: dict[str, bytes] | None = None) -> Path:
+    """Save a pruned model with its manifest, atomically. `manifest['storage']` picks the layout;
+    `extras` are further files (a log, a plot) written into the same folder."""
     storage = manifest.get("storage", "masked")
     with staged(out, overwrite) as tmp:
+        for name, blob in (extras or {}).items():
+            (tmp / name).write_bytes(blob)
         if storage == "masked" or manifest.get("plain"):
             model.save_pretrained(tmp)
         else:
             _save_compact(model, manifest["modules"], tmp)
+        legacy_rope_keys(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         files = {p.name: sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
     return Path(out)
+
+
+def legacy_rope_keys(folder: Path) -> None:
+    """Add `rope_theta` (and `rope_scaling`) next to transformers 5's `rope_parameters` in
+    config.json. transformers 4.x, which Optimum and many serving engines pin, reads only the old
+    keys and otherwise falls back to its default θ without a word (for SmolLM2 10 000 instead of
+    100 000: different logits). transformers 5 reads either."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
+        return  # nothing to translate, or per-layer-type parameters (no single old-style value)
+    config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _save_compact(model: nn.Module, modules: dict, folder: Path) -> None:

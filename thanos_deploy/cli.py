@@ -30,6 +30,7 @@ from .exporters.tensorrt import build_engine_from
 from .inspection import inspect_checkpoint, inspect_model
 from .loading import SMOLLM2_ALIAS
 from .oneshot import convert, default_out, oneshot, storage_from_flags
+from .recover import DEFAULT_TOKENS, Settings, parse_duration, recover
 from .runtime import generate
 
 try:  # Typer >= 0.2x runs on its own vendored click, whose exception classes are not click's
@@ -72,7 +73,7 @@ def _command_line() -> str:
 def compress(
     model: str = typer.Argument(SMOLLM2_ALIAS, help="HF folder, hub id, .gguf file, or smollm2-135m"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder to write the pruned checkpoint to (default: a new folder named after model, method and pattern)"),
-    method: str = typer.Option("thanos", help="thanos, sparsegpt, wanda or magnitude"),
+    method: str = typer.Option("thanos", help="thanos, sparsegpt, wanda, magnitude, or activation (Minitron's activation importance; width and structured patterns only)"),
     pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P, structured:P, or width:mlp=F,heads=F,kv_heads=F "
                                  "(fractions removed) / width:intermediate_size=N,num_attention_heads=N,num_key_value_heads=N (kept): a plain config"),
     calib: str = typer.Option("austen", help="austen, c4, wikitext2, or a .txt/.jsonl file"),
@@ -174,6 +175,44 @@ def compare_cmd(
     console.print(table(f"{model} · {pattern} · calibration {nsamples}×{seqlen} {calib}", *compare_table(rows)))
     if out is not None:
         console.print(f"wrote compare.json, compare.md and compare.png to {out}")
+
+
+@app.command("recover")
+def recover_cmd(
+    pruned: str = typer.Argument(..., help="A pruned artifact written by compress: masked, packed, shrunk or width-pruned plain"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the recovered model, in PRUNED's storage, with recovery.json and recovery.png"),
+    teacher: Optional[str] = typer.Option(None, help="The dense model to distil from (default: the model PRUNED was pruned from, per its manifest)"),
+    data_source: str = typer.Option("austen", "--data", help="Training text, the calibration split: austen, wikitext2, c4, or a .txt/.jsonl file"),
+    tokens: Optional[int] = typer.Option(None, help=f"Tokens to train on (default {DEFAULT_TOKENS:,} unless --max-time is given)"),
+    max_time: Optional[str] = typer.Option(None, help="Time budget such as 20m or 1.5h; with --tokens, whichever ends first"),
+    batch_size: int = typer.Option(4, help="Windows per step (split over torchrun's processes)"),
+    seqlen: int = typer.Option(256, help="Tokens per training window"),
+    lr: float = typer.Option(1e-4, help="AdamW peak learning rate (warm-up, then cosine to a tenth)"),
+    warmup: float = typer.Option(0.05, help="Fraction of the steps spent warming up"),
+    temperature: float = typer.Option(1.0, help="Distillation temperature T (loss T²·KL)"),
+    ce_weight: float = typer.Option(0.0, help="Weight of the next-token cross-entropy added to the KL"),
+    seed: int = typer.Option(0, help="Seed of the training windows"),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate (and checkpoint) every this many tokens (default: an eighth of the budget)"),
+    eval_windows: int = typer.Option(8, help="Evaluation windows"),
+    eval_seqlen: int = typer.Option(512, help="Tokens per evaluation window"),
+    eval_data: str = typer.Option("austen", help="Evaluation data (austen: Emma and Persuasion, never trained on)"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda (bf16 autocast)"),
+    teacher_dtype: str = typer.Option("auto", help="Teacher precision: auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16"),
+    teacher_device: Optional[str] = typer.Option(None, help="Keep the teacher on another device, e.g. cpu to offload it from the GPU"),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass: less memory, about a third more time"),
+    resume: bool = typer.Option(False, help="Continue an unfinished run of the same command from its last checkpoint"),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+):
+    """Win back quality: distil the dense model into a pruned one, every pruned weight kept pruned."""
+    settings = Settings(data=data_source, tokens=tokens, max_seconds=parse_duration(max_time), batch_size=batch_size, seqlen=seqlen, lr=lr,
+                        warmup=warmup, temperature=temperature, ce_weight=ce_weight, seed=seed, eval_every=eval_every,
+                        eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_data=eval_data)
+    with show.recovery_progress() as (on_step, on_eval):
+        result = recover(pruned, out, teacher=teacher, settings=settings, device=device, teacher_dtype=teacher_dtype, teacher_device=teacher_device,
+                         gradient_checkpointing=gradient_checkpointing, resume_run=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
+                         warn=show.warning, status=console.status)
+    if "matmul_fraction" in result:
+        show.recovery_report(result, out)
 
 
 @app.command("eval")

@@ -3,10 +3,11 @@ call the library and hand its results here; nothing in this module decides or co
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import checkpoint
@@ -120,3 +121,43 @@ def step_reporter(progress: Progress, task):
         if not console.is_terminal:
             console.print(message, style="dim", highlight=False)
     return step
+
+
+def warning(line: str) -> None:
+    console.print(f"warning: {line}", style="yellow", highlight=False)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+@contextmanager
+def recovery_progress():
+    """(on_step, on_eval) for `recover`: a bar with the KL, tokens/s and time left; a line per evaluation
+    (and per step where the output is a log, not a terminal)."""
+    columns = (TextColumn("recover"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("recover", total=None, info="")
+
+        def on_step(r: dict) -> None:
+            info = (f"KL {r['kl']:.4f}" + (f" · CE {r['ce']:.3f}" if r["ce"] is not None else "") + f" · {r['tokens_per_s']:.0f} tok/s "
+                    f"({100 * r['matmul_fraction']:.0f}% of matmul rate) · {_duration(r['seconds_left'])} left")
+            progress.update(task, completed=r["step"], total=r["steps"], info=info)
+            if not console.is_terminal:
+                console.print(f"step {r['step']}: {info}", style="dim", highlight=False)
+
+        def on_eval(r: dict) -> None:
+            progress.console.print(f"{r['tokens']:>9,} tokens · {r['seconds']:6.0f} s · perplexity {r['perplexity']:.3f}", highlight=False)
+
+        yield on_step, on_eval
+
+
+def recovery_report(result: dict, out: Path) -> None:
+    log = result["log"]
+    start, end = log[0]["perplexity"], log[-1]["perplexity"]
+    console.print(f"perplexity {start:.3f} → {end:.3f} after {result['tokens']:,} tokens ({result['steps']} steps, {result['world']} "
+                  f"process{'es' if result['world'] > 1 else ''}) in {_duration(result['seconds'])}; {result['tokens_per_s']:.0f} tokens/s, "
+                  f"{100 * result['matmul_fraction']:.0f}% of this machine's {result['matmul_rate'] / 1e9:.0f} GFLOP/s float32 matmul rate", highlight=False)
+    console.print(f"saved to {out} (recovery.json, recovery.png)")

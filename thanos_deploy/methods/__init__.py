@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UserError
-from . import magnitude, sparsegpt, thanos, wanda
+from . import activation, magnitude, sparsegpt, thanos, wanda
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ METHODS: dict[str, Method] = {
     "sparsegpt": Method("sparsegpt", sparsegpt.prune, sparsegpt.column_score, needs_hessian=True, configure=sparsegpt.configure),
     "wanda": Method("wanda", wanda.prune, wanda.column_score),
     "magnitude": Method("magnitude", magnitude.prune, magnitude.column_score),
+    "activation": Method("activation", activation.prune, activation.column_score, configure=activation.configure),
 }
 
 

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import models
-from ..checkpoint import INDEX, MANIFEST, sha256
+from ..checkpoint import INDEX, MANIFEST, legacy_rope_keys, sha256
 from ..errors import UserError
 from . import activations
 from .offload import free_layer
@@ -107,6 +107,7 @@ class RunFolder:
         self.progress = self._read(PROGRESS) or {"done": 0, "reports": []}
         self.model = self.weights = self.write_dtype = None
         self.activations_on_disk = False
+        self.unit = "layers"  # what `done` counts, for the resume hint
 
     @property
     def done(self) -> int:
@@ -121,7 +122,7 @@ class RunFolder:
         except json.JSONDecodeError:
             raise UserError(f"'{path}' is damaged: rerun with --overwrite instead of --resume") from None
 
-    def _write_json(self, name: str, value: dict) -> None:
+    def write_json(self, name: str, value: dict) -> None:
         tmp = self.path / f".{name}.tmp"
         with open(tmp, "w") as f:
             json.dump(value, f)
@@ -133,15 +134,19 @@ class RunFolder:
     def start(self, fingerprint: dict, model: nn.Module, *, weights=None, write_dtype=None, activations_on_disk: bool = False) -> None:
         """Record (or, on resume, check) the fingerprint; `weights` is set for offloaded layers.
         Where the activations live is not in the fingerprint: the results are the same bytes."""
+        self.check_fingerprint(fingerprint)
+        self.model, self.weights, self.write_dtype = model, weights, write_dtype
+        self.activations_on_disk = activations_on_disk
+
+    def check_fingerprint(self, fingerprint: dict) -> None:
+        """Record the fingerprint; on resume, refuse progress made with a different one."""
         old = self._read(FINGERPRINT)
         if old is not None and self.done > 0 and old != fingerprint:
             changed = [f"{k} (was {_short(old.get(k))}, now {_short(fingerprint.get(k))})" for k in sorted(old.keys() | fingerprint.keys()) if old.get(k) != fingerprint.get(k)]
             raise UserError(f"--resume: the unfinished run in '{self.path}' differs: {'; '.join(changed)}; rerun with its options, or use --overwrite to start over")
         if old != fingerprint:
             self.progress = {"done": 0, "reports": []}
-            self._write_json(FINGERPRINT, fingerprint)
-        self.model, self.weights, self.write_dtype = model, weights, write_dtype
-        self.activations_on_disk = activations_on_disk
+            self.write_json(FINGERPRINT, fingerprint)
 
     # -- what driver.compress_model calls -------------------------------------------------------
 
@@ -188,7 +193,7 @@ class RunFolder:
         if not isinstance(inputs.hidden, activations.OnDisk):
             self._write_tensors(inputs_file(index + 1), {f"batch.{j}": h for j, h in enumerate(inputs.hidden)}, cast=False)
         progress = {"done": index + 1, "reports": self.progress["reports"] + [report]}
-        self._write_json(PROGRESS, progress)
+        self.write_json(PROGRESS, progress)
         self.progress = progress
         (self.path / inputs_file(index)).unlink(missing_ok=True)
         if self.weights is not None:
@@ -210,6 +215,7 @@ class RunFolder:
         dtype = self.write_dtype or next(iter(rest.values())).dtype
         model.config.dtype = dtype
         model.config.save_pretrained(self.path)
+        legacy_rope_keys(self.path)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.path)
         for p in list(self.path.glob("inputs-*.safetensors")) + [self.path / PROGRESS, self.path / FINGERPRINT]:
@@ -224,7 +230,7 @@ class RunFolder:
                     total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
         files = {name: sha256(self.path / name) for name in sorted(shards)}
         (self.path / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
-        self._write_json(INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        self.write_json(INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
         (self.path / LOCK).unlink()
         if self.out.exists():
             if not overwrite:
@@ -332,7 +338,7 @@ def guard(run: RunFolder, program: str):
         keep = run.done > 0 or not run.owned
         run.close(discard=not keep)
         if keep:
-            print(f"interrupted after {run.done} layers, saved in '{run.path}'; resume with:\n  {resume_command(program)}", file=sys.stderr)
+            print(f"interrupted after {run.done} {run.unit}, saved in '{run.path}'; resume with:\n  {resume_command(program)}", file=sys.stderr)
         raise
     except OSError as e:
         if e.errno not in NO_SPACE:

@@ -1,0 +1,218 @@
+"""`recover`: distillation from the dense teacher that keeps every pruned weight pruned, in the
+student's own storage, reproducible across a kill and across processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from thanos_deploy import data, loading, models, oneshot
+from thanos_deploy.checkpoint import read_manifest
+from thanos_deploy.recover import Settings, distillation_loss, learning_rate, parse_duration, recover
+
+from .conftest import run_cli, run_installed, start_cli, tiny_model
+
+TINY_RUN = dict(batch_size=2, seqlen=32, eval_windows=1, eval_seqlen=32, lr=1e-4)
+TINY_FLAGS = ["--batch-size", "2", "--seqlen", "32", "--eval-windows", "1", "--eval-seqlen", "32", "--lr", "1e-4"]
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory, smollm2_folder):
+    """A tiny Llama with SmolLM2's tokenizer, initialised large enough that pruning moves its outputs."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("teacher")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    tiny_model("llama", vocab_size=len(tokenizer), initializer_range=0.2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory, teacher_folder):
+    """The tiny teacher pruned into every storage compress writes."""
+    root = tmp_path_factory.mktemp("students")
+    made = {}
+    for name, method, pattern, storage, options in (
+        ("masked", "thanos", "2:4", "masked", {"alpha": 0.25}),
+        ("packed", "thanos", "2:4", "packed", {"alpha": 0.25}),
+        ("shrunk", "wanda", "structured:0.25", "shrunk", {}),
+        ("plain", "thanos", "width:mlp=0.25,heads=0.5", "plain", {}),
+    ):
+        oneshot(str(teacher_folder), root / name, method=method, pattern=pattern, options=options, storage=storage, nsamples=4, seqlen=32)
+        made[name] = root / name
+    return made
+
+
+def decoder_weights(model) -> dict[str, torch.Tensor]:
+    return {f"{i}.{n}": p.detach().clone() for i, layer in enumerate(models.decoder_layers(model))
+            for n, p in layer.named_parameters() if p.dim() == 2}
+
+
+# ---------------------------------------------------------------- the math
+
+
+def test_distillation_loss_is_the_temperature_scaled_kl_plus_weighted_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g, dtype=torch.float64), torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 11, (2, 5), generator=g)
+    T = 2.0
+    p, log_q = F.softmax(t / T, -1), F.log_softmax(s / T, -1)
+    kl = (p * (p.log() - log_q)).sum(-1).mean() * T * T
+    ce = F.cross_entropy(s[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    loss, kl_part, ce_part = distillation_loss(s, t, ids, T, 0.5)
+    assert torch.allclose(kl_part.double(), kl, atol=1e-6) and torch.allclose(ce_part.double(), ce, atol=1e-6)
+    assert torch.allclose(loss.double(), kl + 0.5 * ce, atol=1e-6)
+    assert distillation_loss(t, t, ids, 1.0, 0.0)[0].abs() < 1e-6  # a student equal to its teacher has nothing to learn
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    s = Settings(tokens=100 * 4 * 256, lr=1e-4, warmup=0.05)
+    rates = [learning_rate(step, s) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4 / 5) and rates[4] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] == pytest.approx(1e-5, rel=0.01)
+    assert learning_rate(10_000, Settings(max_seconds=60, lr=1e-4)) == 1e-4  # a time budget alone: constant after warm-up
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("1.5h", 5400), ("45", 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+# ---------------------------------------------------------------- what trains and what stays
+
+
+def kl_to(teacher, student, ids) -> float:
+    with torch.no_grad():
+        return float(distillation_loss(student(ids).logits, teacher(ids).logits, ids, 1.0, 0.0)[0])
+
+
+def test_recovery_keeps_every_pruned_weight_pruned_and_2_4_strict(tmp_path, students, teacher_folder):
+    (student, tokenizer), teacher = loading.load(str(students["masked"])), loading.load(str(teacher_folder))[0]
+    before, held_out = decoder_weights(student), data.windows(data.evaluation_tokens("austen", tokenizer), 32, 4)  # text never trained on
+    steps = []
+    result = recover(str(students["masked"]), tmp_path / "out", teacher=str(teacher_folder), settings=Settings(tokens=6 * 64, **{**TINY_RUN, "lr": 3e-3}),
+                     on_step=steps.append)
+    after = decoder_weights(loading.load(str(tmp_path / "out"))[0])
+    for name, w in before.items():
+        a = after[name]
+        assert torch.all(a[w == 0] == 0), name  # pruned stays pruned
+        assert not torch.equal(a[w != 0], w[w != 0]), name  # the rest trained
+        rows = (w == 0).any(1)
+        assert torch.all((a[rows].reshape(-1, 4) == 0).sum(1) >= 2), name  # strict 2:4 in the pattern rows
+        assert torch.all(a[~rows] != 0), name  # outlier rows (alpha) stay dense
+    assert len(steps) == 6 and kl_to(teacher, loading.load(str(tmp_path / "out"))[0], held_out) < 0.98 * kl_to(teacher, student, held_out)
+    manifest = read_manifest(tmp_path / "out")
+    rec = manifest["recovery"]
+    assert manifest["storage"] == "masked" and rec["teacher"] == str(teacher_folder) and rec["steps"] == 6 and rec["tokens_trained"] == 384
+    assert rec["seed"] == 0 and rec["final_kl"] == pytest.approx(steps[-1]["kl"])
+    log = json.loads((tmp_path / "out" / "recovery.json").read_text())["log"]
+    assert [e["step"] for e in log] == [0, 1, 2, 3, 4, 5, 6] and all(e["perplexity"] > 1 for e in log)
+    assert (tmp_path / "out" / "recovery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["tokens"] == 384 and result["matmul_fraction"] > 0
+
+
+@pytest.mark.parametrize("storage", ["packed", "shrunk", "plain"])
+def test_recovery_writes_the_students_storage_with_its_shapes(tmp_path, students, teacher_folder, storage):
+    student = students[storage]
+    recover(str(student), tmp_path / "out", settings=Settings(tokens=2 * 64, **TINY_RUN))  # teacher: the manifest's source
+    old, new = read_manifest(student), read_manifest(tmp_path / "out")
+    assert new["storage"] == old["storage"] == storage and new.get("modules") == old.get("modules") and new.get("plain") == old.get("plain")
+    a, b = loading.load(str(student))[0], loading.load(str(tmp_path / "out"))[0]
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(a) == shapes(b) and new["recovery"]["teacher"] == str(teacher_folder)
+    assert any(not torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items() if v.is_floating_point())
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    if storage == "packed":
+        assert any(k.endswith(".values") for k in stored) and not any(k.endswith("mlp.up_proj.weight") for k in stored)
+    if storage == "plain":
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert config["intermediate_size"] == 96 and config["num_attention_heads"] == 2
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, students, teacher_folder, smollm2_folder):
+    other_vocab = tmp_path / "other-vocab"
+    tiny_model("llama", vocab_size=300).save_pretrained(other_vocab)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    student = str(students["masked"])
+    cases = [
+        ([student, "--teacher", str(other_vocab)], "vocabulary of 300 tokens"),
+        ([str(teacher_folder)], "not a thanos-deploy artifact"),
+        ([student, "--tokens", "0"], "budget is zero"),
+        ([student, "--max-time", "0m"], "budget is zero"),
+        ([student, "--max-time", "soon"], "not a duration"),
+        ([student, "--out", str(blocker / "out")], "not a writable folder"),
+        ([student, "--learning-rate", "1"], "No such option"),
+    ]
+    for args, message in cases:
+        out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+        r = run_cli("recover", *args, *out, *TINY_FLAGS)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert len([line for line in lines if line.startswith("error")]) == 1 and "Traceback" not in r.stderr
+        assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_a_teacher_that_is_not_the_parent_gets_a_warning(tmp_path, students, teacher_folder):
+    twin = tmp_path / "twin"
+    shutil.copytree(teacher_folder, twin)
+    r = run_cli("recover", str(students["masked"]), "--teacher", str(twin), "--tokens", "64", *TINY_FLAGS, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stdout.split())
+    assert f"warning: teacher '{twin}' is not the model" in said and "was pruned from" in said
+
+
+# ---------------------------------------------------------------- a kill, and several processes
+
+
+def test_resume_after_sigkill_writes_the_same_bytes(tmp_path, students):
+    args = ["recover", str(students["masked"]), "--tokens", str(8 * 64), "--eval-every", "64", *TINY_FLAGS]
+    whole = run_installed(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    proc = start_cli(*args, "--out", str(tmp_path / "cut"))
+    progress = tmp_path / ".cut.partial" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and 2 <= json.loads(progress.read_text())["done"] < 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut").exists()
+    again = run_installed(*args, "--out", str(tmp_path / "cut"), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert not (tmp_path / ".cut.partial").exists()
+
+
+def test_two_gloo_processes_match_one_on_the_same_global_batch(tmp_path, students):
+    args = ["recover", str(students["masked"]), "--tokens", str(3 * 64), *TINY_FLAGS]
+    one = run_installed(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "thanos_deploy",
+                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert read_manifest(tmp_path / "two")["recovery"]["world"] == 2
+    assert math.isclose(json.loads((tmp_path / "two" / "recovery.json").read_text())["log"][-1]["perplexity"],
+                        json.loads((tmp_path / "one" / "recovery.json").read_text())["log"][-1]["perplexity"], rel_tol=1e-3)
