@@ -283,7 +283,7 @@ def recover(
             run.check_fingerprint(fingerprint)
         net.to(dev).train().requires_grad_(True)
         if gradient_checkpointing:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         masks = {name: mask.to(dev) for name, mask in frozen_zeros(net).items()}
         params = dict(net.named_parameters())  # tied weights appear once
         names = {p: name for name, p in params.items()}
@@ -317,7 +317,7 @@ def recover(
             """The budget is spent (rank 0's clock decides for every process)."""
             over = (s.steps is not None and step >= s.steps) or (s.max_seconds is not None and time.perf_counter() - clock >= s.max_seconds)
             if world > 1:
-                flag = torch.tensor([float(over)])
+                flag = torch.tensor([float(over)], device=dev)
                 dist.broadcast(flag, src=0)
                 over = bool(flag.item())
             return over
@@ -373,7 +373,7 @@ def recover(
                   "tokens_per_s": step * s.tokens_per_step / seconds if seconds else None,
                   "matmul_rate": rate, "flops_per_token": flops_per_token, "world": world}
         if gradient_checkpointing:
-            net.gradient_checkpointing_disable()
+            net.activation_checkpointing_disable()
         if run:
             result["matmul_fraction"] = result["tokens_per_s"] * flops_per_token / rate if result["tokens_per_s"] else None
             with status(f"saving to {out}"):
