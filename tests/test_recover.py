@@ -21,7 +21,7 @@ from thanos_deploy import data, loading, models, oneshot
 from thanos_deploy.checkpoint import read_manifest
 from thanos_deploy.recover import Settings, distillation_loss, learning_rate, parse_duration, recover
 
-from .conftest import run_cli, run_installed, start_cli, tiny_model
+from .conftest import run_cli, start_cli, tiny_model
 
 TINY_RUN = dict(batch_size=2, seqlen=32, eval_windows=1, eval_seqlen=32, lr=1e-4)
 TINY_FLAGS = ["--batch-size", "2", "--seqlen", "32", "--eval-windows", "1", "--eval-seqlen", "32", "--lr", "1e-4"]
@@ -182,7 +182,7 @@ def test_a_teacher_that_is_not_the_parent_gets_a_warning(tmp_path, students, tea
 
 def test_resume_after_sigkill_writes_the_same_bytes(tmp_path, students):
     args = ["recover", str(students["masked"]), "--tokens", str(8 * 64), "--eval-every", "64", *TINY_FLAGS]
-    whole = run_installed(*args, "--out", str(tmp_path / "whole"))
+    whole = run_cli(*args, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     proc = start_cli(*args, "--out", str(tmp_path / "cut"))
     progress = tmp_path / ".cut.partial" / "progress.json"
@@ -195,7 +195,7 @@ def test_resume_after_sigkill_writes_the_same_bytes(tmp_path, students):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "cut").exists()
-    again = run_installed(*args, "--out", str(tmp_path / "cut"), "--resume")
+    again = run_cli(*args, "--out", str(tmp_path / "cut"), "--resume")
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert not (tmp_path / ".cut.partial").exists()
@@ -203,7 +203,7 @@ def test_resume_after_sigkill_writes_the_same_bytes(tmp_path, students):
 
 def test_two_gloo_processes_match_one_on_the_same_global_batch(tmp_path, students):
     args = ["recover", str(students["masked"]), "--tokens", str(3 * 64), *TINY_FLAGS]
-    one = run_installed(*args, "--out", str(tmp_path / "one"))
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "thanos_deploy",
