@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -195,10 +196,20 @@ def test_resume_after_sigkill_writes_the_same_bytes(tmp_path, students):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "cut").exists()
+    other = run_cli(*args[:-1], "3e-4", "--out", str(tmp_path / "cut"), "--resume")  # another learning rate: refused, progress kept
+    assert other.returncode == 2 and "differs" in other.stderr and "lr" in other.stderr and progress.is_file()
     again = run_cli(*args, "--out", str(tmp_path / "cut"), "--resume")
     assert again.returncode == 0, again.stderr
+    assert not re.search(r"^step 1:", again.stdout, re.M)  # it went on from the checkpoint, not from the start
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert not (tmp_path / ".cut.partial").exists()
+
+
+def test_a_time_budget_trains_at_least_one_step_and_writes(tmp_path, students):
+    r = run_cli("recover", str(students["shrunk"]), "--max-time", "0.001s", *TINY_FLAGS, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    recovery = read_manifest(tmp_path / "out")["recovery"]
+    assert recovery["steps"] == 1 and recovery["max_seconds"] == 0.001 and recovery["tokens"] is None
 
 
 def test_two_gloo_processes_match_one_on_the_same_global_batch(tmp_path, students):

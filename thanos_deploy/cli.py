@@ -211,7 +211,7 @@ def recover_cmd(
         result = recover(pruned, out, teacher=teacher, settings=settings, device=device, teacher_dtype=teacher_dtype, teacher_device=teacher_device,
                          gradient_checkpointing=gradient_checkpointing, resume_run=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
                          warn=show.warning, status=console.status)
-    if "matmul_fraction" in result:
+    if result["matmul_rate"]:  # process 0 (the others of a torchrun job have nothing to report)
         show.recovery_report(result, out)
 
 

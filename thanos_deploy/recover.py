@@ -46,7 +46,7 @@ from .pipeline import resume
 
 DEFAULT_TOKENS = 131_072  # 128 steps of 4 × 256: about 20 minutes for SmolLM2-135M on a 2-core CPU
 STEPS_PER_DRAW = 64  # windows for this many steps are drawn per pass over the calibration text
-STATE, OPTIMIZER = "student.safetensors", "optimizer.safetensors"
+STATE, OPTIMIZER = "student-{:06d}.safetensors", "optimizer-{:06d}.safetensors"  # by step: progress.json names the pair
 
 
 @dataclass(frozen=True)
@@ -195,22 +195,35 @@ def _load_student(student: str):
 
 
 def _save_state(run: resume.RunFolder, student: nn.Module, optimizer: torch.optim.Optimizer, names: dict, progress: dict) -> None:
-    """The training state, each file replaced in one rename, progress.json last."""
-    with checkpoint.replacing(run.path / STATE) as tmp:
+    """The training state after step `progress['done']` in files named by that step, then
+    progress.json (replaced in one rename) pointing at them, then the older pair removed: a kill at
+    any point leaves one consistent state."""
+    step = progress["done"]
+    with checkpoint.replacing(run.path / STATE.format(step)) as tmp:
         save_model(student, str(tmp))
+        _sync(tmp)
     moments = {}
     for p, name in names.items():
         for key, value in optimizer.state.get(p, {}).items():
             moments[f"{name}::{key}"] = value.detach().cpu().contiguous()
-    with checkpoint.replacing(run.path / OPTIMIZER) as tmp:
+    with checkpoint.replacing(run.path / OPTIMIZER.format(step)) as tmp:
         save_file(moments, str(tmp))
+        _sync(tmp)
     run.progress = progress
     run.write_json(resume.PROGRESS, progress)
+    for old in [*run.path.glob("student-*.safetensors"), *run.path.glob("optimizer-*.safetensors")]:
+        if old.name not in (STATE.format(step), OPTIMIZER.format(step)):
+            old.unlink()
 
 
-def _load_state(folder: Path, student: nn.Module, optimizer: torch.optim.Optimizer, names: dict, device) -> None:
-    load_model(student, str(folder / STATE), device=str(device))
-    moments = load_file(str(folder / OPTIMIZER), device=str(device))
+def _sync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _load_state(folder: Path, step: int, student: nn.Module, optimizer: torch.optim.Optimizer, names: dict, device) -> None:
+    load_model(student, str(folder / STATE.format(step)), device=str(device))
+    moments = load_file(str(folder / OPTIMIZER.format(step)), device=str(device))
     for p, name in names.items():
         state = {key.split("::", 1)[1]: value for key, value in moments.items() if key.split("::", 1)[0] == name}
         if state:
@@ -263,6 +276,8 @@ def recover(
         raise UserError(f"'{student}' does not name the model it was pruned from: pass --teacher DENSE")
     if warn and manifest.get("source_model") and not _same_model(teacher, manifest["source_model"]):
         warn(f"teacher '{teacher}' is not the model '{student}' was pruned from ('{manifest['source_model']}')")
+    if s.seqlen > models.context_length(net, s.seqlen):
+        raise UserError(f"--seqlen {s.seqlen} is longer than the model's context ({models.context_length(net, s.seqlen)} tokens): use a smaller --seqlen")
     with status(f"reading data '{s.data}'"):
         docs = data.documents(s.data, "calibration")
         eval_windows = data.windows(data.evaluation_tokens(s.eval_data, tokenizer), models.context_length(net, s.eval_seqlen), s.eval_windows)
@@ -273,14 +288,25 @@ def recover(
     check_pair(net, tokenizer, teacher_net, teacher_tokenizer, teacher)
     teacher_net.to(t_dev).eval().requires_grad_(False)
 
-    run = resume.RunFolder(out, resume=resume_run, overwrite=overwrite) if rank == 0 else None
-    if run:
+    fingerprint = {"student": str(Path(student).expanduser().resolve()), **resume.model_identity(Path(student).expanduser()),
+                   "student_files": manifest.get("files"), "teacher": teacher, "teacher_dtype": t_dtype, "teacher_device": t_dev.type,
+                   **asdict(s), "world": world, "device": dev.type, "versions": versions()}
+    opened = {}
+
+    def open_run() -> dict:
+        """Process 0 owns the partial folder (the lock, the fingerprint); the others get its progress."""
+        opened["run"] = run = resume.RunFolder(out, resume=resume_run, overwrite=overwrite)
         run.unit = "steps"
-    with resume.guard(run, "thanos-deploy") if run else nullcontext():
-        fingerprint = {"student": student, **resume.model_identity(Path(student).expanduser()), "teacher": teacher,
-                       "settings": asdict(s), "world": world, "device": dev.type, "versions": versions()}
-        if run:
+        try:
             run.check_fingerprint(fingerprint)
+        except UserError:
+            run.close(discard=run.owned)
+            raise
+        return run.progress if run.done else {"done": 0, "log": [], "seconds": 0.0}
+
+    progress = _from_rank0(world, rank, open_run)
+    run = opened.get("run")
+    with resume.guard(run, "thanos-deploy") if run else nullcontext():
         net.to(dev).train().requires_grad_(True)
         if gradient_checkpointing:
             net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -288,33 +314,32 @@ def recover(
         params = dict(net.named_parameters())  # tied weights appear once
         names = {p: name for name, p in params.items()}
         optimizer = torch.optim.AdamW(params.values(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
-        progress = run.progress if run and run.done else {"done": 0, "log": [], "seconds": 0.0}
-        if world > 1:
-            shared = [progress]
-            dist.broadcast_object_list(shared, src=0)
-            progress = shared[0]
-            dist.barrier()
-        if progress["done"]:
-            _load_state(resume.partial_folder(out), net, optimizer, names, dev)
+        if progress["done"]:  # every process reads the state process 0 wrote (one machine)
+            _load_state(resume.partial_folder(out), progress["done"], net, optimizer, names, dev)
         model = DistributedDataParallel(net) if world > 1 else net
         windows = Windows(s, tokenizer, docs)
         flops_per_token = 6 * linear_macs(net, False) + 2 * linear_macs(teacher_net, False)
         rate = matmul_rate(dev) if rank == 0 else None
         log, step = progress["log"], progress["done"]
-        clock = time.perf_counter() - progress["seconds"]  # wall-clock of the run, over every resume
+        teacher_precision = _autocast(t_dev) if t_dtype != "float32" else nullcontext()
 
         def evaluate(step: int, kl: float | None = None) -> None:
-            if rank == 0:
-                net.eval()
-                ppl = perplexity(net, eval_windows, device=dev)["perplexity"]
-                net.train()
-                log.append({"step": step, "tokens": step * s.tokens_per_step, "seconds": round(time.perf_counter() - clock, 2),
-                            "perplexity": ppl, "kl": kl})
-                if on_eval:
-                    on_eval(log[-1])
+            net.eval()
+            ppl = perplexity(net, eval_windows, device=dev)["perplexity"]
+            net.train()
+            log.append({"step": step, "tokens": step * s.tokens_per_step, "seconds": round(time.perf_counter() - clock, 2),
+                        "perplexity": ppl, "kl": kl})
+            if on_eval:
+                on_eval(log[-1])
+
+        def checkpoint_state(step: int, kl: float) -> None:
+            evaluate(step, kl)
+            if run:
+                _save_state(run, net, optimizer, names, {"done": step, "log": log, "seconds": time.perf_counter() - clock})
+                run.owned = False  # trained steps are the user's: a later failure keeps them for --resume
 
         def finished(step: int) -> bool:
-            """The budget is spent (rank 0's clock decides for every process)."""
+            """The budget is spent (process 0's clock decides for every process)."""
             over = (s.steps is not None and step >= s.steps) or (s.max_seconds is not None and time.perf_counter() - clock >= s.max_seconds)
             if world > 1:
                 flag = torch.tensor([float(over)], device=dev)
@@ -322,16 +347,17 @@ def recover(
                 over = bool(flag.item())
             return over
 
+        clock = time.perf_counter() - progress["seconds"]  # wall-clock of the run, over every resume
         if step == 0:
-            evaluate(0)
-        done = finished(step)
+            _from_rank0(world, rank, lambda: evaluate(0))
+        done = step > 0 and finished(step)  # a fresh run trains at least one step
         while not done:
             t0 = time.perf_counter()
             ids = windows(step)[rank::world].to(dev)
             torch.manual_seed(s.seed * 1_000_003 + step)  # dropout, where a family has it, replays on resume
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, s)
-            with torch.no_grad(), _autocast(t_dev):
+            with torch.no_grad(), teacher_precision:
                 teacher_logits = teacher_net(input_ids=ids.to(t_dev), use_cache=False).logits.to(dev)
             with _autocast(dev):
                 logits = model(input_ids=ids, use_cache=False).logits
@@ -351,6 +377,8 @@ def recover(
             if world > 1:
                 dist.all_reduce(figures)
                 figures /= world
+            if not bool(torch.isfinite(figures).all()):
+                raise UserError(f"the loss is not finite at step {step + 1}: lower --lr (now {s.lr:g}) and start over with --overwrite")
             step += 1
             took, seconds = time.perf_counter() - t0, time.perf_counter() - clock
             if rank == 0 and on_step:
@@ -363,26 +391,43 @@ def recover(
                          "seconds_left": max(0.0, left) if left is not None else None})
             done = finished(step)
             if step % s.eval_steps == 0 or done:
-                evaluate(step, float(figures[0]))
-                if run:
-                    _save_state(run, net, optimizer, names, {"done": step, "log": log, "seconds": time.perf_counter() - clock})
-        if world > 1:
-            dist.barrier()
+                _from_rank0(world, rank, lambda: checkpoint_state(step, float(figures[0])))
         seconds = time.perf_counter() - clock
-        result = {"log": log, "steps": step, "tokens": step * s.tokens_per_step, "seconds": round(seconds, 1),
-                  "tokens_per_s": step * s.tokens_per_step / seconds if seconds else None,
-                  "matmul_rate": rate, "flops_per_token": flops_per_token, "world": world}
+        tokens_per_s = step * s.tokens_per_step / seconds
+        result = {"log": log, "steps": step, "tokens": step * s.tokens_per_step, "seconds": round(seconds, 1), "tokens_per_s": tokens_per_s,
+                  "matmul_rate": rate, "matmul_fraction": tokens_per_s * flops_per_token / rate if rate else None,
+                  "flops_per_token": flops_per_token, "world": world}
         if gradient_checkpointing:
             net.activation_checkpointing_disable()
-        if run:
-            result["matmul_fraction"] = result["tokens_per_s"] * flops_per_token / rate if result["tokens_per_s"] else None
+
+        def save() -> None:
             with status(f"saving to {out}"):
                 _write(net, tokenizer, out, manifest, masks, teacher, s, result, overwrite)
             run.close(discard=True)
+
+        _from_rank0(world, rank, save)
         result["seconds_total"] = round(time.perf_counter() - started, 1)
-    if world > 1:
-        dist.barrier()
     return result
+
+
+def _from_rank0(world: int, rank: int, work):
+    """`work()` on process 0, its (picklable) result on every process. An error there stops every
+    process (the others with one line naming it) instead of leaving them waiting in a collective."""
+    box, failure = [None, None], None
+    if rank == 0:
+        try:
+            box[0] = work()
+        except Exception as e:
+            if world == 1:
+                raise
+            failure, box[1] = e, str(e) if isinstance(e, UserError) else f"process 0 failed: {type(e).__name__}: {e}"
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+        if failure is not None:
+            raise failure
+        if box[1] is not None:
+            raise UserError(box[1])
+    return box[0]
 
 
 def _write(net: nn.Module, tokenizer, out: Path, manifest: dict, masks: dict, teacher: str, s: Settings, result: dict, overwrite: bool) -> None:
