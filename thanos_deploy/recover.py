@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -44,7 +44,7 @@ from .evaluate import perplexity
 from .oneshot import versions
 from .pipeline import resume
 
-DEFAULT_TOKENS = 131_072  # 128 steps of 4 × 256: about 20 minutes for SmolLM2-135M on a 2-core CPU
+DEFAULT_TOKENS = 131_072  # 128 steps of 4 × 256: 12.5 minutes for SmolLM2-135M on a 2-core CPU (bench/studies/recovery.py)
 STEPS_PER_DRAW = 64  # windows for this many steps are drawn per pass over the calibration text
 STATE, OPTIMIZER = "student-{:06d}.safetensors", "optimizer-{:06d}.safetensors"  # by step: progress.json names the pair
 
@@ -194,21 +194,15 @@ def _load_student(student: str):
     return model, tokenizer, manifest
 
 
-def _save_state(run: resume.RunFolder, student: nn.Module, optimizer: torch.optim.Optimizer, names: dict, progress: dict) -> None:
-    """The training state after step `progress['done']` in files named by that step, then
-    progress.json (replaced in one rename) pointing at them, then the older pair removed: a kill at
-    any point leaves one consistent state."""
+def _save_state(run: resume.RunFolder, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, progress: dict) -> None:
+    """The parameters and AdamW moments after step `progress['done']`, in files named by that step
+    (written like compress's layers: synced, renamed into place, a full disk reported as such), then
+    progress.json pointing at them, then the older pair removed: a kill at any point leaves one
+    consistent state. Buffers are not saved: training never changes them."""
     step = progress["done"]
-    with checkpoint.replacing(run.path / STATE.format(step)) as tmp:
-        save_model(student, str(tmp))
-        _sync(tmp)
-    moments = {}
-    for p, name in names.items():
-        for key, value in optimizer.state.get(p, {}).items():
-            moments[f"{name}::{key}"] = value.detach().cpu().contiguous()
-    with checkpoint.replacing(run.path / OPTIMIZER.format(step)) as tmp:
-        save_file(moments, str(tmp))
-        _sync(tmp)
+    run.write_tensors(STATE.format(step), params, cast=False)
+    moments = {f"{name}::{key}": value for name, p in params.items() for key, value in optimizer.state.get(p, {}).items()}
+    run.write_tensors(OPTIMIZER.format(step), moments, cast=False)
     run.progress = progress
     run.write_json(resume.PROGRESS, progress)
     for old in [*run.path.glob("student-*.safetensors"), *run.path.glob("optimizer-*.safetensors")]:
@@ -216,19 +210,20 @@ def _save_state(run: resume.RunFolder, student: nn.Module, optimizer: torch.opti
             old.unlink()
 
 
-def _sync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _load_state(folder: Path, step: int, student: nn.Module, optimizer: torch.optim.Optimizer, names: dict, device) -> None:
-    load_model(student, str(folder / STATE.format(step)), device=str(device))
-    moments = load_file(str(folder / OPTIMIZER.format(step)), device=str(device))
-    for p, name in names.items():
-        state = {key.split("::", 1)[1]: value for key, value in moments.items() if key.split("::", 1)[0] == name}
-        if state:
-            state["step"] = state["step"].cpu()
-            optimizer.state[p] = state
+def _load_state(folder: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, device) -> None:
+    with resume.reading(folder / STATE.format(step)):
+        weights = load_file(folder / STATE.format(step), device=str(device))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    moments: dict[str, dict] = {}
+    with resume.reading(folder / OPTIMIZER.format(step)):
+        for key, value in load_file(folder / OPTIMIZER.format(step), device=str(device)).items():
+            name, field = key.split("::", 1)
+            moments.setdefault(name, {})[field] = value
+    for name, state in moments.items():
+        state["step"] = state["step"].cpu()
+        optimizer.state[params[name]] = state
 
 
 def recover(
@@ -276,8 +271,8 @@ def recover(
         raise UserError(f"'{student}' does not name the model it was pruned from: pass --teacher DENSE")
     if warn and manifest.get("source_model") and not _same_model(teacher, manifest["source_model"]):
         warn(f"teacher '{teacher}' is not the model '{student}' was pruned from ('{manifest['source_model']}')")
-    if s.seqlen > models.context_length(net, s.seqlen):
-        raise UserError(f"--seqlen {s.seqlen} is longer than the model's context ({models.context_length(net, s.seqlen)} tokens): use a smaller --seqlen")
+    if (context := models.context_length(net, s.seqlen)) < s.seqlen:
+        raise UserError(f"--seqlen {s.seqlen} is longer than the model's context ({context} tokens): use a smaller --seqlen")
     with status(f"reading data '{s.data}'"):
         docs = data.documents(s.data, "calibration")
         eval_windows = data.windows(data.evaluation_tokens(s.eval_data, tokenizer), models.context_length(net, s.eval_seqlen), s.eval_windows)
@@ -312,10 +307,9 @@ def recover(
             net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         masks = {name: mask.to(dev) for name, mask in frozen_zeros(net).items()}
         params = dict(net.named_parameters())  # tied weights appear once
-        names = {p: name for name, p in params.items()}
         optimizer = torch.optim.AdamW(params.values(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
         if progress["done"]:  # every process reads the state process 0 wrote (one machine)
-            _load_state(resume.partial_folder(out), progress["done"], net, optimizer, names, dev)
+            _load_state(resume.partial_folder(out), progress["done"], params, optimizer, dev)
         model = DistributedDataParallel(net) if world > 1 else net
         windows = Windows(s, tokenizer, docs)
         flops_per_token = 6 * linear_macs(net, False) + 2 * linear_macs(teacher_net, False)
@@ -335,7 +329,7 @@ def recover(
         def checkpoint_state(step: int, kl: float) -> None:
             evaluate(step, kl)
             if run:
-                _save_state(run, net, optimizer, names, {"done": step, "log": log, "seconds": time.perf_counter() - clock})
+                _save_state(run, params, optimizer, {"done": step, "log": log, "seconds": time.perf_counter() - clock})
                 run.owned = False  # trained steps are the user's: a later failure keeps them for --resume
 
         def finished(step: int) -> bool:

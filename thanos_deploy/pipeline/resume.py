@@ -171,7 +171,7 @@ class RunFolder:
             for i in range(k):
                 self._load_layer(i, layers[i])
         on_disk, path = isinstance(inputs.hidden, activations.OnDisk), self.path / inputs_file(k)
-        with _reading(path):
+        with reading(path):
             saved = activations.OnDisk(path, inputs.hidden.device if on_disk else inputs.hidden[0].device)
             if saved.shapes != activations.shapes(inputs.hidden):
                 raise UserError(f"'{path}' does not match this run's calibration batches: rerun with --overwrite")
@@ -189,9 +189,9 @@ class RunFolder:
         """Checkpoint after layer `index`: its shard, the next layer's inputs (unless the driver
         wrote them there already, activations on disk), then the progress."""
         prefix = self._prefix(index)
-        self._write_tensors(layer_file(index), {prefix + k: v for k, v in layer.state_dict().items()}, cast=True)
+        self.write_tensors(layer_file(index), {prefix + k: v for k, v in layer.state_dict().items()}, cast=True)
         if not isinstance(inputs.hidden, activations.OnDisk):
-            self._write_tensors(inputs_file(index + 1), {f"batch.{j}": h for j, h in enumerate(inputs.hidden)}, cast=False)
+            self.write_tensors(inputs_file(index + 1), {f"batch.{j}": h for j, h in enumerate(inputs.hidden)}, cast=False)
         progress = {"done": index + 1, "reports": self.progress["reports"] + [report]}
         self.write_json(PROGRESS, progress)
         self.progress = progress
@@ -211,7 +211,7 @@ class RunFolder:
         if getattr(model.config, "tie_word_embeddings", False) and head is not None:
             head_name = next(n for n, m in model.named_modules() if m is head)
             rest.pop(f"{head_name}.weight", None)  # tied to the input embeddings, re-tied on load
-        self._write_tensors(REST, rest, cast=True)
+        self.write_tensors(REST, rest, cast=True)
         dtype = self.write_dtype or next(iter(rest.values())).dtype
         model.config.dtype = dtype
         model.config.save_pretrained(self.path)
@@ -261,7 +261,7 @@ class RunFolder:
     def _prefix(self, index: int) -> str:
         return models.layer_prefix(self.model, index) + "."
 
-    def _write_tensors(self, name: str, tensors: dict, *, cast: bool) -> None:
+    def write_tensors(self, name: str, tensors: dict, *, cast: bool) -> None:
         def ready(t: torch.Tensor) -> torch.Tensor:
             t = t.detach().to("cpu")
             if cast and self.write_dtype is not None and t.is_floating_point():
@@ -282,14 +282,14 @@ class RunFolder:
 
     def _load_layer(self, index: int, layer: nn.Module) -> None:
         path, prefix = self.path / layer_file(index), self._prefix(index)
-        with _reading(path), safe_open(path, "pt") as f:
+        with reading(path), safe_open(path, "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         own = layer.state_dict()
         layer.load_state_dict({k.removeprefix(prefix): v.to(own[k.removeprefix(prefix)].dtype) for k, v in tensors.items()})
 
 
 @contextmanager
-def _reading(path: Path):
+def reading(path: Path):
     """A progress file that cannot be read is one line that says to start over."""
     try:
         yield
