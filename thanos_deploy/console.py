@@ -138,7 +138,7 @@ def recovery_progress():
     """(on_step, on_eval) for `recover`: a bar with the KL, tokens/s and time left; a line per evaluation
     (and per step where the output is a log, not a terminal)."""
     columns = (TextColumn("recover"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, transient=True) as progress:  # gone at the end (or on an error); the evaluations stay
         task = progress.add_task("recover", total=None, info="")
 
         def on_step(r: dict) -> None:

@@ -184,6 +184,8 @@ def check_pair(student: nn.Module, student_tokenizer, teacher: nn.Module, teache
 
 def _load_student(student: str):
     folder = Path(student).expanduser()
+    if not folder.exists():
+        raise UserError(f"'{student}' does not exist: pass the folder `thanos-deploy compress` wrote")
     manifest = checkpoint.read_manifest(folder) if folder.is_dir() else None
     if manifest is None:
         raise UserError(f"'{student}' is not a thanos-deploy artifact (no {checkpoint.MANIFEST}): recover trains what "
