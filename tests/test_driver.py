@@ -7,7 +7,7 @@ import torch
 
 from thanos_deploy import compress_model, models
 from thanos_deploy.errors import UserError
-from thanos_deploy.pipeline.stats import InputStats, Stats
+from thanos_deploy.pipeline.stats import AllInputsSeen, InputStats, Stats, gram_panel
 
 from .conftest import random_ids, tiny_model
 
@@ -22,6 +22,16 @@ def test_stats_match_their_definition():
     assert s.tokens == 21
 
 
+@pytest.mark.parametrize("n", [128, 300, 2100])  # one panel; panels with a short last one; n/16-row panels
+def test_hessian_from_upper_panels_is_the_full_product_and_exactly_symmetric(n):
+    torch.manual_seed(0)
+    x = torch.randn(64, n)
+    s = Stats.from_inputs(x)
+    assert torch.allclose(s.hessian.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(s.hessian, s.hessian.T)
+    assert gram_panel(n) == max(128, -(-n // 16))
+
+
 @pytest.mark.parametrize(
     "kind, expected",
     [
@@ -33,11 +43,12 @@ def test_linears_reading_one_input_share_one_accumulator(kind, expected):
     model = tiny_model(kind)
     layer = models.decoder_layers(model)[0]
     subs = models.linears(layer)
-    collector = InputStats(subs, hessian=True)
     captured = {}
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: captured.update({n: a[0].detach().clone()})) for n, m in subs.items()]
+    collector = InputStats(subs, hessian=True)
     try:
-        model(random_ids(2, 16))
+        with pytest.raises(AllInputsSeen):  # the pass stops once the last linear has its input
+            model(random_ids(2, 16))
     finally:
         collector.close()
         for h in handles:

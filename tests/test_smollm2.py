@@ -112,11 +112,11 @@ def test_shrunk_model_matches_masked_model(setup, thanos_structured, alpha, tmp_
                 probe = torch.randn(3, module.in_features, dtype=torch.float64)
                 out64 = copy.deepcopy(module).double()(probe)
                 assert torch.allclose(out64, probe @ reference.double().T, rtol=1e-12, atol=1e-12), name
-        # whole model in float32: rounding only, no larger than the masked model's own float32 error
-        # (measured against float64; RMSNorm computes in float32 even there)
+        # whole model in float32: rounding only, its error against float64 at most twice the masked
+        # model's own float32 error (RMSNorm computes in float32 even in float64)
         masked64 = copy.deepcopy(masked_model).double()(x).logits
     floor = (masked.double() - masked64).abs().max()
-    assert (compact32 - masked).abs().max() <= 2 * floor
+    assert (compact32.double() - masked64).abs().max() <= 2 * floor  # measured 0.9x (α = 0) and 1.9x (α = 0.1), 2026-12-01
     # FLOPs really went down
     dense_macs = sum(l.in_features * l.out_features for layer in models.decoder_layers(model) for l in models.linears(layer).values())
     macs = 0

@@ -22,7 +22,7 @@ from .bench.run import bench
 from .compare import sweep, table as compare_table
 from .console import console, step_reporter, table
 from . import console as show
-from .errors import UserError
+from .errors import PeerLost, UserError
 from .evaluate import evaluate_model
 from .exporters.onnx import export_checkpoint
 from .exporters.sparsity import check_file as onnx_weights
@@ -30,6 +30,7 @@ from .exporters.tensorrt import build_engine_from
 from .inspection import inspect_checkpoint, inspect_model
 from .loading import SMOLLM2_ALIAS
 from .oneshot import convert, default_out, oneshot, storage_from_flags
+from .pipeline import distributed
 from .recover import DEFAULT_TOKENS, Settings, parse_duration, recover
 from .runtime import generate
 
@@ -101,8 +102,12 @@ def compress(
     offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Read one decoder layer at a time from disk (default: when the model would not fit in memory)"),
     activations_on_disk: Optional[bool] = typer.Option(None, "--activations-on-disk/--activations-in-memory",
                                                        help="Keep the calibration activations between layers on disk, read one batch at a time (default: when they would not fit in memory)"),
+    nproc: int = typer.Option(1, "--nproc", help="Run as this many processes through torch's launcher (as torchrun --nproc-per-node N): "
+                              "each calibrates on its share of the windows, the linears' solves are spread over them; one GPU each on CUDA"),
 ):
     """Prune MODEL layer by layer and save it as a Hugging Face folder with thanos_deploy.json."""
+    if nproc != 1:
+        raise typer.Exit(distributed.launch(nproc, sys.argv[1:]))
     out = out if out is not None else default_out(model, method, pattern)
     result = oneshot(
         model, out, method=method, pattern=pattern, options={"alpha": alpha, "block_size": block_size, "row_batch": row_batch, "percdamp": percdamp},
@@ -111,6 +116,8 @@ def compress(
         eval_windows=eval_windows, eval_data=eval_data, eval_seqlen=eval_seqlen, resume_run=resume, offload=offload,
         activations_on_disk=activations_on_disk, overwrite=overwrite, progress=True, status=console.status, say=console.print,
     )
+    if result.process != 0:
+        return  # process 0 reports
     show.compress_report(result.report, result.manifest, out)
     if result.manifest["storage"] != "masked":
         show.inspection(inspect_model(result.model, result.manifest), totals_only=True)
@@ -386,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=sys.argv[1:], prog_name="thanos-deploy", standalone_mode=False)  # Typer turns Ctrl-C into 130 here
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if not distributed.quiet(e):
+            print(f"error: {e}", file=sys.stderr)
+        return distributed.LOST_EXIT if isinstance(e, PeerLost) else 2
     except _exceptions("NoArgsIsHelpError"):
         return 2  # Typer has printed the help already
     except _exceptions("UsageError") as e:

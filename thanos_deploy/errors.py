@@ -8,6 +8,11 @@ class UserError(Exception):
     """
 
 
+class PeerLost(UserError):
+    """A collective of a run of several processes failed: another process stopped (killed, or
+    failed before it could say why). Its finished layers are kept, as after a kill."""
+
+
 def at_least(minimum: int, **values: int) -> None:
     """Counts given on the command line (window lengths, token budgets) must be at least `minimum`."""
     for name, value in values.items():

@@ -33,7 +33,7 @@ from .errors import UserError, at_least
 from .evaluate import evaluate
 from .methods import Method, get_method
 from .patterns import NM, Pattern, Structured, Width, parse_pattern
-from .pipeline import activations, resume
+from .pipeline import activations, distributed, resume
 from .pipeline.offload import load_skeleton, wants_offload
 from .pipeline.sequential import compress_model
 from .targets import select
@@ -60,8 +60,9 @@ class Result:
     model: nn.Module
     tokenizer: object
     report: dict  # per layer and linear: sparsity, errors, seconds (pipeline.sequential.compress_model)
-    manifest: dict  # what thanos_deploy.json holds (or would hold, when nothing was written)
+    manifest: dict  # what thanos_deploy.json holds (or would hold, when nothing was written); {} on processes other than 0
     out: Path | None
+    process: int = 0  # this process's rank in a run of several (process 0 writes and reports)
 
 
 def storage_for(pattern: Pattern, storage: str) -> str:
@@ -165,6 +166,7 @@ def manifest(job: Job, report: dict, *, source_model: str, model: nn.Module, ids
         "source_model": source_model,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         **{k: report[k] for k in ("method", "pattern", "options", "sparsity", "targets", "ignore")},
+        "world": report.get("world", 1),
         "calibration": {**calibration, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "tokens_hash": data.token_hash(ids)},
         "evaluation": evaluation or None,
         "versions": versions(),
@@ -252,19 +254,43 @@ def oneshot(
     progress: bool = False,
     status=None,
     say=None,
+    world: distributed.World | None = None,
 ) -> Result:
     """Prune `model` (a folder, hub id, .gguf or smollm2-135m; or `loaded` = (model, tokenizer),
     pruned in place, with `model` naming its source) and, given `out`, write the artifact in
     `storage` (masked, packed, shrunk or auto). Without `out` nothing is written: the pruned model
     comes back in the result, as `compare` needs it. `status(message)` is a context manager shown
     around each long step (the CLI passes a spinner); `say(line)` tells what was decided before the
-    work starts (the widths a width pattern resolves to)."""
+    work starts (the widths a width pattern resolves to). Under torchrun (WORLD_SIZE > 1) this is
+    one of several processes (`world`, default distributed.start): each calibrates on its share of
+    the windows and process 0 writes and evaluates (pipeline/distributed.py)."""
     started = time.perf_counter()
+    own_world = world is None
+    world = world or distributed.start(device)
+    try:
+        result = _oneshot(model, out, world, started, method=method, pattern=pattern, options=options, storage=storage,
+                        save_dtype_name=save_dtype_name, calib=calib, calib_tokens=calib_tokens, calib_ids=calib_ids, nsamples=nsamples,
+                        seqlen=seqlen, seed=seed, dtype=dtype, batch_tokens=batch_tokens, targets=targets, ignore=ignore,
+                        eval_windows=eval_windows, eval_data=eval_data, eval_seqlen=eval_seqlen, resume_run=resume_run, offload=offload,
+                        activations_on_disk=activations_on_disk, overwrite=overwrite, loaded=loaded, progress=progress and world.rank == 0,
+                        status=status if world.rank == 0 else None, say=say if world.rank == 0 else None)
+    except BaseException:
+        if own_world:
+            distributed.finish(world, together=False)
+        raise
+    if own_world:
+        distributed.finish(world)
+    return result
+
+
+def _oneshot(model, out, world: distributed.World, started: float, *, method, pattern, options, storage, save_dtype_name, calib, calib_tokens,
+             calib_ids, nsamples, seqlen, seed, dtype, batch_tokens, targets, ignore, eval_windows, eval_data, eval_seqlen, resume_run,
+             offload, activations_on_disk, overwrite, loaded, progress, status, say) -> Result:
     status = status or (lambda message: nullcontext())
     job = prepare(method, pattern, options, storage=storage, save_dtype_name=save_dtype_name, targets=targets, ignore=ignore)
     at_least(1, nsamples=nsamples, seqlen=seqlen, batch_tokens=batch_tokens, eval_seqlen=eval_seqlen)
     at_least(0, eval_windows=eval_windows)
-    dev = loading.pick_device(device)
+    dev = world.device
     if out is not None:
         out = checkpoint.check_output(out, overwrite)
     if resume_run and out is None:
@@ -286,37 +312,36 @@ def oneshot(
     if offload and loaded is not None:
         raise UserError("--offload reads the model from its folder: pass the model's path, not a loaded model")
 
-    run = resume.RunFolder(out, resume=resume_run, overwrite=overwrite) if out is not None else None
+    with world.together():  # process 0 holds the run folder; the others keep their activations in it
+        run = resume.RunFolder(out, resume=resume_run, overwrite=overwrite) if out is not None and world.rank == 0 else None
     with resume.guard(run, "thanos-deploy") if run else nullcontext():
-        with status(f"loading {model}"):
-            if loaded is not None:
-                (net, tokenizer), weights = loaded, None
-            elif offloaded:
-                net, tokenizer, weights = load_skeleton(model, dtype=dtype)
-            else:
-                (net, tokenizer), weights = loading.load(model, dtype=dtype), None
-        decided = check_model(net, job)
-        if decided and say:
-            say(decided)
-        with status(f"tokenizing calibration data '{calib}'"):
-            ids = calibration_ids(net, tokenizer, ids=calib_ids, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, docs=docs)
+        with world.together():
+            net, tokenizer, weights, ids = _load(model, job, world, loaded=loaded, offloaded=offloaded, dtype=dtype, calib=calib, calib_ids=calib_ids,
+                                                 calib_tokens=calib_tokens, nsamples=nsamples, seqlen=seqlen, seed=seed, docs=docs, status=status, say=say)
         calibration = {"source": str(calib_tokens) if calib_tokens is not None else calib, "seed": None if calib_tokens is not None else seed}
-
         evaluation = {}
-        if eval_windows > 0:
+        if eval_windows > 0 and world.rank == 0:
             with status("evaluating the dense model"):
                 evaluation["dense"] = evaluate(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
+        fingerprint = {"model": model, **resume.model_identity(loading.resolve(model)), "dtype": str(next(net.parameters()).dtype),
+                       "tokens_hash": data.token_hash(ids), "method": job.method.name, "pattern": str(job.pattern), "options": job.options,
+                       "targets": list(job.targets), "ignore": list(job.ignore), "storage": job.storage, "save_dtype": save_dtype_name,
+                       "batch_tokens": batch_tokens, "device": dev.type, "versions": versions()}
+        distributed.check_same(world, {**fingerprint, "out": str(out), "resume": resume_run, "overwrite": overwrite, "eval_windows": eval_windows})
+        on_disk = activations.wants_on_disk(activations_on_disk, net, ids)
+        store = run
         if run:
-            run.start(
-                {"model": model, **resume.model_identity(loading.resolve(model)), "dtype": str(next(net.parameters()).dtype),
-                 "tokens_hash": data.token_hash(ids), "method": job.method.name, "pattern": str(job.pattern), "options": job.options,
-                 "targets": list(job.targets), "ignore": list(job.ignore), "storage": job.storage, "save_dtype": save_dtype_name,
-                 "batch_tokens": batch_tokens, "device": dev.type, "versions": versions()},
-                net, weights=weights, write_dtype=job.save_dtype if job.storage == "masked" else None,
-                activations_on_disk=activations.wants_on_disk(activations_on_disk, net, ids),
-            )
+            with world.together():
+                run.start(fingerprint, net, weights=weights, write_dtype=job.save_dtype if job.storage == "masked" else None,
+                          activations_on_disk=on_disk, processes=world.size)
+        elif out is not None:
+            with world.together():
+                pass  # process 0 checks the fingerprint of a resumed run
+            store = resume.Follower(resume.partial_folder(out), world.rank, net, weights=weights, activations_on_disk=on_disk)
         report = compress_model(net, ids, method=job.method.name, pattern=job.pattern, device=dev, batch_tokens=batch_tokens,
-                                progress=progress, targets=list(job.targets), ignore=list(job.ignore), store=run, **job.options)
+                                progress=progress, targets=list(job.targets), ignore=list(job.ignore), store=store, world=world, **job.options)
+        if world.rank != 0:
+            return Result(net, tokenizer, report, {}, out, process=world.rank)
         if eval_windows > 0:
             with status("evaluating the pruned model"):
                 evaluation["pruned"] = evaluate(net, tokenizer, eval_data, eval_seqlen, eval_windows, dev)
@@ -333,6 +358,26 @@ def oneshot(
         if job.storage == "plain" and out is not None:
             net = loading.load(str(out))[0]  # the narrowed modules' own attributes (heads per group) come from the new config
     return Result(net, tokenizer, report, made, out)
+
+
+def _load(model: str, job: Job, world: distributed.World, *, loaded, offloaded: bool, dtype: str, calib: str, calib_ids, calib_tokens, nsamples: int,
+          seqlen: int, seed: int, docs, status, say):
+    """(model, tokenizer, offloaded weights or None, calibration ids), checked against the job."""
+    with status(f"loading {model}"):
+        if loaded is not None:
+            (net, tokenizer), weights = loaded, None
+        elif offloaded:
+            net, tokenizer, weights = load_skeleton(model, dtype=dtype)
+        else:
+            (net, tokenizer), weights = loading.load(model, dtype=dtype), None
+    decided = check_model(net, job)
+    if decided and say:
+        say(decided)
+    with status(f"tokenizing calibration data '{calib}'"):
+        ids = calibration_ids(net, tokenizer, ids=calib_ids, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, docs=docs)
+    if len(ids) < world.size:
+        raise UserError(f"{len(ids)} calibration windows cannot be shared by {world.size} processes: use --nsamples {world.size} or more")
+    return net, tokenizer, weights, ids
 
 
 def fresh_copy(loaded: tuple[nn.Module, object]) -> tuple[nn.Module, object]:

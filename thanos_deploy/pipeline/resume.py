@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import models
 from ..checkpoint import INDEX, MANIFEST, legacy_rope_keys, sha256
-from ..errors import UserError
+from ..errors import PeerLost, UserError
 from . import activations
 from .offload import free_layer
 
@@ -54,8 +54,9 @@ def layer_file(index: int) -> str:
     return f"model-layer-{index:05d}.safetensors"
 
 
-def inputs_file(index: int) -> str:
-    return f"inputs-{index:05d}.safetensors"
+def inputs_file(index: int, rank: int | None = None) -> str:
+    """The hidden states reaching layer `index`; in a run of several processes, those of one process's windows."""
+    return f"inputs-{index:05d}.safetensors" if rank is None else f"inputs-{index:05d}.rank{rank}.safetensors"
 
 
 def partial_folder(out: Path) -> Path:
@@ -71,7 +72,62 @@ def model_identity(where) -> dict:
     return {"config_sha256": config, "weights": {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}}
 
 
-class RunFolder:
+class LayerStore:
+    """What every process of a run does with the partial folder `path`: read offloaded layers
+    (`weights`), keep its activations between layers there (`activations_on_disk`), read finished
+    layers back. A run of several processes keeps one activations file per process (`rank`) and
+    no other process's; process 0's RunFolder writes everything else."""
+
+    path: Path
+    model: nn.Module | None = None
+    weights = None
+    activations_on_disk: bool = False
+    rank: int | None = None  # None: the only process
+
+    @property
+    def bounds_memory(self) -> bool:
+        """Layers offloaded or activations on disk: a run whose point is to stay small."""
+        return self.weights is not None or self.activations_on_disk
+
+    def spill(self, index: int) -> Path | None:
+        """Where the driver keeps the hidden states that reach layer `index`: None (memory), or a file
+        here (for a single process, the file this folder checkpoints them in anyway)."""
+        return self.path / inputs_file(index, self.rank) if self.activations_on_disk else None
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        if self.weights is not None:
+            self.weights.load_into(layer, self._prefix(index), next(self.model.parameters()).dtype)
+
+    def load_finished(self, index: int, layer: nn.Module) -> None:
+        """Layer `index` as a finished run saved it (into an offloaded layer's meta tensors too)."""
+        path, prefix = self.path / layer_file(index), self._prefix(index)
+        with reading(path), safe_open(path, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        own = layer.state_dict()
+        layer.load_state_dict({k.removeprefix(prefix): v.to(own[k.removeprefix(prefix)].dtype) for k, v in tensors.items()}, assign=True)
+
+    def forget(self, index: int, layer: nn.Module) -> None:
+        """Done with layer `index`: offloaded layers live on disk only."""
+        if self.weights is not None:
+            free_layer(layer)
+
+    def _prefix(self, index: int) -> str:
+        return models.layer_prefix(self.model, index) + "."
+
+
+class Follower(LayerStore):
+    """The run folder as a process other than 0 of a distributed run sees it (LayerStore)."""
+
+    def __init__(self, path: Path, rank: int, model: nn.Module, *, weights=None, activations_on_disk: bool = False):
+        self.path, self.rank, self.model, self.weights, self.activations_on_disk = path, rank, model, weights, activations_on_disk
+
+    def save(self, index: int, layer: nn.Module, report: dict, inputs) -> None:
+        if self.activations_on_disk:
+            self.spill(index).unlink(missing_ok=True)
+        self.forget(index, layer)
+
+
+class RunFolder(LayerStore):
     """Open (and lock) the partial folder of `out`. Raises UserError if another process holds it,
     or if an unfinished run is there and neither --resume nor --overwrite says what to do with it."""
 
@@ -131,12 +187,16 @@ class RunFolder:
         os.replace(tmp, self.path / name)
         _sync_folder(self.path)
 
-    def start(self, fingerprint: dict, model: nn.Module, *, weights=None, write_dtype=None, activations_on_disk: bool = False) -> None:
+    def start(self, fingerprint: dict, model: nn.Module, *, weights=None, write_dtype=None, activations_on_disk: bool = False,
+              processes: int = 1) -> None:
         """Record (or, on resume, check) the fingerprint; `weights` is set for offloaded layers.
-        Where the activations live is not in the fingerprint: the results are the same bytes."""
+        Where the activations live is not in the fingerprint: the results are the same bytes. Nor is
+        the number of processes: a resumed run may use another (the driver then recomputes the
+        hidden states from the finished layers, and keeps none here)."""
         self.check_fingerprint(fingerprint)
         self.model, self.weights, self.write_dtype = model, weights, write_dtype
         self.activations_on_disk = activations_on_disk
+        self.rank = 0 if processes > 1 else None
 
     def check_fingerprint(self, fingerprint: dict) -> None:
         """Record the fingerprint; on resume, refuse progress made with a different one."""
@@ -151,14 +211,9 @@ class RunFolder:
     # -- what driver.compress_model calls -------------------------------------------------------
 
     @property
-    def bounds_memory(self) -> bool:
-        """Layers offloaded or activations on disk: a run whose point is to stay small."""
-        return self.weights is not None or self.activations_on_disk
-
-    def spill(self, index: int) -> Path | None:
-        """Where the driver keeps the hidden states that reach layer `index`: None (memory), or
-        the file this folder checkpoints them in anyway."""
-        return self.path / inputs_file(index) if self.activations_on_disk else None
+    def kept_hidden(self) -> bool:
+        """Whether the hidden states reaching the next layer are here (a run of one process keeps them)."""
+        return self.done == 0 or (self.path / inputs_file(self.done)).is_file()
 
     def restore(self, layers: nn.ModuleList, inputs):
         """(first layer to prune, reports so far, its inputs): the finished layers are put back in
@@ -169,7 +224,7 @@ class RunFolder:
             return 0, [], inputs
         if self.weights is None:
             for i in range(k):
-                self._load_layer(i, layers[i])
+                self.load_finished(i, layers[i])
         on_disk, path = isinstance(inputs.hidden, activations.OnDisk), self.path / inputs_file(k)
         with reading(path):
             saved = activations.OnDisk(path, inputs.hidden.device if on_disk else inputs.hidden[0].device)
@@ -181,23 +236,19 @@ class RunFolder:
         inputs.hidden = hidden
         return k, list(self.progress["reports"]), inputs
 
-    def load(self, index: int, layer: nn.Module) -> None:
-        if self.weights is not None:
-            self.weights.load_into(layer, self._prefix(index), next(self.model.parameters()).dtype)
-
     def save(self, index: int, layer: nn.Module, report: dict, inputs) -> None:
         """Checkpoint after layer `index`: its shard, the next layer's inputs (unless the driver
-        wrote them there already, activations on disk), then the progress."""
+        wrote them there already, activations on disk; a run of several processes keeps none),
+        then the progress."""
         prefix = self._prefix(index)
         self.write_tensors(layer_file(index), {prefix + k: v for k, v in layer.state_dict().items()}, cast=True)
-        if not isinstance(inputs.hidden, activations.OnDisk):
+        if self.rank is None and not isinstance(inputs.hidden, activations.OnDisk):
             self.write_tensors(inputs_file(index + 1), {f"batch.{j}": h for j, h in enumerate(inputs.hidden)}, cast=False)
         progress = {"done": index + 1, "reports": self.progress["reports"] + [report]}
         self.write_json(PROGRESS, progress)
         self.progress = progress
-        (self.path / inputs_file(index)).unlink(missing_ok=True)
-        if self.weights is not None:
-            free_layer(layer)  # offloaded layers live on disk only
+        (self.path / inputs_file(index, self.rank)).unlink(missing_ok=True)
+        self.forget(index, layer)
 
     # -- the end ----------------------------------------------------------------------------------
 
@@ -258,9 +309,6 @@ class RunFolder:
 
     # -- tensors ----------------------------------------------------------------------------------
 
-    def _prefix(self, index: int) -> str:
-        return models.layer_prefix(self.model, index) + "."
-
     def write_tensors(self, name: str, tensors: dict, *, cast: bool) -> None:
         def ready(t: torch.Tensor) -> torch.Tensor:
             t = t.detach().to("cpu")
@@ -279,13 +327,6 @@ class RunFolder:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # the safetensors writer creates files 0600
         os.replace(tmp, self.path / name)
-
-    def _load_layer(self, index: int, layer: nn.Module) -> None:
-        path, prefix = self.path / layer_file(index), self._prefix(index)
-        with reading(path), safe_open(path, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        own = layer.state_dict()
-        layer.load_state_dict({k.removeprefix(prefix): v.to(own[k.removeprefix(prefix)].dtype) for k, v in tensors.items()})
 
 
 @contextmanager
@@ -334,6 +375,9 @@ def guard(run: RunFolder, program: str):
     so does a full disk; a kill keeps them too (the kernel drops the lock)."""
     try:
         yield run
+    except PeerLost:  # another process of a distributed run stopped: its finished layers are kept, as after a kill
+        run.close(discard=run.done == 0 and run.owned)
+        raise
     except KeyboardInterrupt:
         keep = run.done > 0 or not run.owned
         run.close(discard=not keep)

@@ -29,6 +29,7 @@ from ..methods import get_method
 from ..patterns import Width, parse_pattern
 from ..targets import select
 from . import activations, numerics
+from .distributed import World
 from .stats import InputStats
 
 
@@ -42,13 +43,16 @@ class LayerInputs:
     args: list[tuple]
     kwargs: list[dict]
 
-    def run(self, layer: nn.Module, before_each=None) -> Iterator[torch.Tensor]:
+    def run(self, layer: nn.Module) -> Iterator[torch.Tensor]:
         """The layer's output for each batch, computed (and its input read) only when asked for."""
         for hidden, args, kwargs in zip(self.hidden, self.args, self.kwargs):
-            if before_each:
-                before_each()
             out = layer(hidden, *args, **kwargs)
             yield out[0] if isinstance(out, (tuple, list)) else out
+
+    def feed(self, layer: nn.Module, collector: InputStats) -> None:
+        """The statistics pass: every batch through `layer`, for the hooks of `collector` only."""
+        for hidden, args, kwargs in zip(self.hidden, self.args, self.kwargs):
+            collector.feed(layer, hidden, args, kwargs)
 
 
 ERROR_SAMPLE_TOKENS = 4096  # methods without a Hessian report their error on about this many tokens
@@ -111,79 +115,109 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, *, device, batch_tokens:
 
 @torch.no_grad()
 def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options: dict, *, index: int = 0, on_linear=None, subs=None,
-                spill: Path | None = None, units: width.Units | None = None, widths: width.Widths | None = None):
+                spill: Path | None = None, units: width.Units | None = None, widths: width.Widths | None = None,
+                world: World | None = None, tokens: int | None = None):
     """Prune the linears `subs` (default: every linear) of one decoder layer in place, or with a
     width pattern its `units`; return (report, inputs of the next layer), whose hidden states are
-    in memory or, given `spill`, in that file."""
-    t0 = time.perf_counter()
+    in memory or, given `spill`, in that file. With a `world` of several processes, `inputs` are
+    this process's windows of `tokens` calibration tokens in all (distributed.py)."""
+    world = world or World()
+    t0, c0 = time.perf_counter(), world.seconds  # world.seconds: time in exchanges, taken out of the stages
     subs = models.linears(layer) if subs is None else subs
-    tokens = sum(shape[0] * shape[1] for shape in activations.shapes(inputs.hidden))
+    tokens = tokens or sum(shape[0] * shape[1] for shape in activations.shapes(inputs.hidden))
     collector = InputStats(subs, hessian=method.needs_hessian, sample_every=max(1, tokens // ERROR_SAMPLE_TOKENS))
-    try:
-        for _ in inputs.run(layer, before_each=collector.next_batch):
-            pass  # the hooks collect the statistics
-    finally:
-        collector.close()
-    t_stats = time.perf_counter() - t0
+    with world.together():
+        try:
+            inputs.feed(layer, collector)
+        finally:
+            collector.close()
+    world.sum_statistics(collector)
+    t_stats = time.perf_counter() - t0 - (world.seconds - c0)
 
     report = {"index": index, "linears": [], "groups": collector.groups()}
-    t_prune = 0.0
-    if units is not None:
+    if units is not None:  # the units are chosen over the whole layer: process 0 does it, the others take its weights
+        owner = dict.fromkeys(subs, 0)
         for name in (units.mlp_consumer, units.attn_consumer):
             numerics.check_statistics(collector[name], f"layers.{index}.{name}")
-        t1 = time.perf_counter()
-        report["units"], before = width.prune_units(method, options, units, layer, collector.__getitem__, widths)
-        t_prune = time.perf_counter() - t1
-        for name, weight in before.items():
-            new = layer.get_submodule(name).weight.data
-            numerics.check_weight(new, f"layers.{index}.{name}")
-            report["linears"].append({"name": name, "shape": list(weight.shape), "sparsity": float((new == 0).float().mean()),
-                                      "relative_error": collector[name].relative_error(weight, new), "error_tokens": collector[name].error_tokens,
-                                      "seconds": round(t_prune / len(before), 4)})
-        subs = {}
-    for name, linear in subs.items():
-        if on_linear:
-            on_linear(name)
-        stats = collector[name]
-        weight = linear.weight.data
-        numerics.check_statistics(stats, f"layers.{index}.{name}")
-        t1 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            numerics.warn_rank_deficient(stats, weight.shape[1])
-            try:
-                new = method.prune(weight, stats, pattern, **options)
-            except UserError as e:
-                raise UserError(f"layers.{index}.{name}: {e}") from None
-        numerics.check_weight(new, f"layers.{index}.{name}")
-        if new.is_cuda:
-            torch.cuda.synchronize(new.device)
-        seconds = time.perf_counter() - t1
-        t_prune += seconds
-        entry = {
-            "name": name,
-            "shape": list(weight.shape),
-            "sparsity": float((new == 0).float().mean()),
-            "relative_error": stats.relative_error(weight, new),
-            "error_tokens": stats.error_tokens,
-            "seconds": round(seconds, 4),
-        }
-        if caught:
-            entry["warnings"] = [f"layers.{index}.{name}: {w.message}" for w in caught]
-        report["linears"].append(entry)
-        linear.weight.data = new.to(weight.dtype)
+    else:
+        owner = world.assign({name: _solve_cost(linear, method) for name, linear in subs.items()})
+    t1, c1 = time.perf_counter(), world.seconds
+    with world.together():
+        if units is not None and world.rank == 0:
+            report["units"], before = width.prune_units(method, options, units, layer, collector.__getitem__, widths)
+            seconds = (time.perf_counter() - t1) / len(before)
+            for name, weight in before.items():
+                new = layer.get_submodule(name).weight.data
+                numerics.check_weight(new, f"layers.{index}.{name}")
+                report["linears"].append(_entry(name, weight, new, collector[name], seconds))
+        for name, linear in subs.items() if units is None else ():
+            if owner[name] == world.rank:
+                report["linears"].append(_prune_linear(linear, collector[name], method, pattern, options, f"layers.{index}.{name}", on_linear, name))
+    t_prune = time.perf_counter() - t1 - (world.seconds - c1)
+    if not world.single:
+        world.share_weights(subs, owner)
+        report["linears"] = _in_order([e for part in world.gather(report["linears"]) for e in part], subs)
+        report["units"] = world.broadcast(report.get("units"))
+        if report["units"] is None:
+            del report["units"]
     del collector
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), world.seconds
+    with world.together():
+        inputs = forward(layer, inputs, spill, f"layers.{index}")
+    t_forward = time.perf_counter() - t2 - (world.seconds - c2)
+    report["seconds"] = {"statistics": round(t_stats, 4), "prune": round(t_prune, 4), "forward": round(t_forward, 4)}
+    if not world.single:  # exchanges and waits for slower processes
+        report["seconds"]["communication"] = round(world.seconds - c0, 4)
+    return report, inputs
+
+
+def forward(layer: nn.Module, inputs: LayerInputs, spill: Path | None, where: str) -> LayerInputs:
+    """The layer's outputs for every batch: the inputs of the next layer, in memory or in `spill`."""
     with activations.keep(spill, len(inputs.hidden)) as outputs:
         for out in inputs.run(layer):
-            numerics.check_output(out, f"layers.{index}")
+            numerics.check_output(out, where)
             outputs.append(out)
-    report["seconds"] = {
-        "statistics": round(t_stats, 4),
-        "prune": round(t_prune, 4),
-        "forward": round(time.perf_counter() - t2, 4),
-    }
-    return report, LayerInputs(outputs.batches(), inputs.args, inputs.kwargs)
+    return LayerInputs(outputs.batches(), inputs.args, inputs.kwargs)
+
+
+def _solve_cost(linear: nn.Linear, method) -> float:
+    """What pruning one linear costs, roughly: the Hessian methods' solves grow as out x in², the others as out x in."""
+    out, inp = linear.weight.shape
+    return out * inp * (inp if method.needs_hessian else 1)
+
+
+def _prune_linear(linear: nn.Linear, stats, method, pattern, options: dict, where: str, on_linear, name: str) -> dict:
+    """Prune one linear in place; its report entry."""
+    if on_linear:
+        on_linear(name)
+    weight = linear.weight.data
+    numerics.check_statistics(stats, where)
+    t1 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        numerics.warn_rank_deficient(stats, weight.shape[1])
+        try:
+            new = method.prune(weight, stats, pattern, **options)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    numerics.check_weight(new, where)
+    if new.is_cuda:
+        torch.cuda.synchronize(new.device)
+    entry = _entry(name, weight, new, stats, time.perf_counter() - t1)
+    if caught:
+        entry["warnings"] = [f"{where}: {w.message}" for w in caught]
+    linear.weight.data = new.to(weight.dtype)
+    return entry
+
+
+def _entry(name: str, weight: torch.Tensor, new: torch.Tensor, stats, seconds: float) -> dict:
+    return {"name": name, "shape": list(weight.shape), "sparsity": float((new == 0).float().mean()),
+            "relative_error": stats.relative_error(weight, new), "error_tokens": stats.error_tokens, "seconds": round(seconds, 4)}
+
+
+def _in_order(entries: list[dict], subs: dict) -> list[dict]:
+    order = {name: i for i, name in enumerate(subs)}
+    return sorted(entries, key=lambda e: order.get(e["name"], len(order)))
 
 
 def compress_model(
@@ -198,6 +232,7 @@ def compress_model(
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
     store=None,
+    world: World | None = None,
     **options,
 ) -> dict:
     """Prune `model` in place, decoder layer by decoder layer; return the report.
@@ -207,7 +242,10 @@ def compress_model(
     `ignore` pick the linears by module name (targets.py); default: every decoder linear. `store`
     (a resume.RunFolder) checkpoints after every layer, restores a killed run, reads offloaded
     layers and says where the hidden states between layers live (`store.spill`: memory or a file).
+    `world` (distributed.start) runs this as one of several processes: each takes its share of the
+    windows, and process 0's `store` writes (the others' is a resume.Follower).
     """
+    world = world or World()
     m = get_method(method)
     pattern = parse_pattern(pattern)
     opts = m.options(pattern, options)
@@ -220,14 +258,21 @@ def compress_model(
         widths = width.plan(pattern, model.config)
         units = width.check_model(model, widths)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if len(calib_ids) < world.size:
+        raise UserError(f"{len(calib_ids)} calibration windows cannot be shared by {world.size} processes: use --nsamples {world.size} or more")
 
     t0 = time.perf_counter()
     spill = store.spill if store else lambda index: None
     if store and store.bounds_memory:
         activations.free_large_blocks_at_once()
-    inputs = capture_inputs(model, calib_ids, device=device, batch_tokens=batch_tokens, spill=spill(0))
-    start, reports, inputs = store.restore(layers, inputs) if store else (0, [], inputs)
-    bar = _progress(progress)
+    inputs = capture_inputs(model, calib_ids[world.share(len(calib_ids))], device=device, batch_tokens=batch_tokens, spill=spill(0))
+    if world.single and (store is None or store.kept_hidden):
+        start, reports, inputs = store.restore(layers, inputs) if store else (0, [], inputs)
+    else:  # several processes now or in the run resumed: the hidden states are recomputed
+        start, reports = world.broadcast((store.done, store.progress["reports"]) if store and world.rank == 0 else None) or (0, [])
+        if start:
+            inputs = _replay(layers[:start], inputs, store, device, spill)
+    bar = _progress(progress and world.rank == 0)
     with bar or nullcontext():
         task = bar.add_task(f"{m.name} {pattern}", total=len(layers)) if bar else None
         if bar and start:
@@ -241,22 +286,41 @@ def compress_model(
             layer.to(device)
             on_linear = (lambda name, i=i: bar.update(task, description=f"{m.name} {pattern} · layer {i}.{name}")) if bar else None
             report, inputs = prune_layer(layer, inputs, m, pattern, opts, index=i, on_linear=on_linear, subs=chosen[i], spill=spill(i + 1),
-                                         units=units[i] if units else None, widths=widths)
+                                         units=units[i] if units else None, widths=widths, world=world, tokens=calib_ids.numel())
             layer.to(home)
             reports.append(report)
             if store:
                 store.save(i, layer, report, inputs)
             if bar:
                 bar.advance(task)
+    world.gather(None)  # every process is done with the run folder before process 0 completes it
     total = time.perf_counter() - t0
     summary = summarize(reports, method=m.name, pattern=str(pattern), options=opts, seconds=total)
+    if not world.single:
+        summary["world"] = world.size
     return {**summary, "targets": list(targets or []), "ignore": list(ignore or [])}
+
+
+def _replay(done: list[nn.Module], inputs: LayerInputs, store, device, spill) -> LayerInputs:
+    """A resumed distributed run: the hidden states reaching the first unfinished layer, recomputed
+    by every process for its windows through the finished layers read back from the run folder
+    (the windows may be shared differently than before, so none were kept)."""
+    for i, layer in enumerate(done):
+        store.load_finished(i, layer)
+        home = next(layer.parameters()).device
+        layer.to(device)
+        inputs = forward(layer, inputs, spill(i + 1), f"layers.{i}")
+        layer.to(home)
+        store.forget(i, layer)
+    return inputs
 
 
 def summarize(reports: list[dict], *, method: str, pattern: str, options: dict, seconds: float) -> dict:
     zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for r in reports for e in r["linears"])
     total = sum(e["shape"][0] * e["shape"][1] for r in reports for e in r["linears"])
-    stage = {k: round(sum(r["seconds"][k] for r in reports), 3) for k in ("statistics", "prune", "forward")}
+    stage = {k: round(sum(r["seconds"].get(k, 0.0) for r in reports), 3) for k in ("statistics", "prune", "forward", "communication")}
+    if not any("communication" in r["seconds"] for r in reports):
+        del stage["communication"]
     return {
         "method": method,
         "pattern": pattern,

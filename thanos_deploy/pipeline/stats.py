@@ -9,6 +9,11 @@ Sums, not means: every method is invariant to the scale (damping is relative to 
 
 Linears that read the same input tensor (q/k/v, gate/up, OPT's q/k/v) share one accumulator: the
 hooks recognise the shared tensor at run time, so no model family needs a hand-written list.
+
+Two savings of the statistics pass, both exact up to rounding: H is symmetric, so only its upper
+block triangle is multiplied out (`add_gram`, about 0.6 of the products of a full XᵀX); and the
+layer's output is never used, so a pass stops as soon as every hooked linear has its input
+(`AllInputsSeen`): the last linear (down_proj) and what follows it are never computed.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class Stats:
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.hessian is not None:
-            self.hessian.addmm_(x.T, x)
+            add_gram(self.hessian, x)
             self.sq_norms.copy_(self.hessian.diagonal())
         else:
             self.sq_norms.add_(x.square().sum(0))
@@ -64,12 +69,40 @@ class Stats:
         return self.tokens if self.hessian is not None else sum(len(x) for x in self.sample)
 
 
+def add_gram(H: torch.Tensor, x: torch.Tensor) -> None:
+    """H += xᵀx, multiplying out only the panels on and above the diagonal (row panels of
+    `gram_panel(n)` rows), then mirroring them: H stays exactly symmetric."""
+    n, b = H.shape[0], gram_panel(H.shape[0])
+    for i in range(0, n, b):
+        H[i : i + b, i:].addmm_(x[:, i : i + b].T, x[:, i:])
+    for i in range(b, n, b):
+        H[i : i + b, :i].copy_(H[:i, i : i + b].T)
+
+
+def gram_panel(n: int) -> int:
+    """Rows per panel of `add_gram`: 128 (measured best on CPU, 0.68x the time of a full product
+    for n = 576 and 1536), or n/16 for wide inputs so the panels stay few and large."""
+    return max(128, -(-n // 16))
+
+
+def gram_macs(n: int) -> int:
+    """Multiply-adds `add_gram` spends per token on an n-wide input (n² for a full product)."""
+    b = gram_panel(n)
+    return sum(min(b, n - i) * (n - i) for i in range(0, n, b))
+
+
+class AllInputsSeen(Exception):
+    """Raised by the last hook of a pass: the rest of the layer's forward is not needed."""
+
+
 class InputStats:
     """Forward pre-hooks on `linears` that accumulate their input statistics.
 
     Call `next_batch()` before every forward pass: within one pass, linears whose input is the
     very same tensor are grouped and accumulated once. Tensors seen in the current pass are kept
-    referenced so their memory cannot be reused by a different tensor during the pass.
+    referenced so their memory cannot be reused by a different tensor during the pass. Once every
+    hooked linear has had its input in a pass, the hook raises AllInputsSeen (`feed` catches it);
+    a linear a pass does not reach (an MoE expert no token chose) just lets the pass run to its end.
     """
 
     def __init__(self, linears: dict[str, nn.Linear], *, hessian: bool, sample_every: int = 1):
@@ -78,6 +111,7 @@ class InputStats:
         self.owner: dict[str, str] = {}  # linear name -> name of the linear whose stats it shares
         self.stats: dict[str, Stats] = {}
         self._this_pass: dict[tuple, tuple[torch.Tensor, str]] = {}
+        self._fed: set[str] = set()  # linears that had their input in this pass
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
 
     def _hook(self, name: str):
@@ -94,11 +128,23 @@ class InputStats:
             self._this_pass.setdefault(key, (x, name))
             if self.owner[name] == name:
                 self.stats[name].add(x)
+            self._fed.add(name)
+            if len(self._fed) == len(self._handles):
+                raise AllInputsSeen
 
         return hook
 
     def next_batch(self) -> None:
         self._this_pass.clear()
+        self._fed.clear()
+
+    def feed(self, layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """One statistics pass of `layer` over one batch, stopped once every hooked linear has its input."""
+        self.next_batch()
+        try:
+            layer(hidden, *args, **kwargs)
+        except AllInputsSeen:
+            pass
 
     def __getitem__(self, name: str) -> Stats:
         return self.stats[self.owner[name]]
@@ -113,4 +159,4 @@ class InputStats:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-        self._this_pass.clear()
+        self.next_batch()
