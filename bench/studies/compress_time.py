@@ -85,12 +85,18 @@ def launch(run: Run, args, sources: dict[str, Path], masks: Path) -> dict:
     return json.loads(result.read_text())
 
 
-def agreement(a: Path, b: Path) -> float:
-    """The fraction of decoder-linear weights whose pruned/kept state is the same in two runs."""
+def agreement(a: Path, b: Path) -> tuple[float, list[float]]:
+    """The fraction of decoder-linear weights whose pruned/kept state is the same in two runs, in
+    all and per decoder layer."""
     from safetensors.torch import load_file
 
     x, y = load_file(a), load_file(b)
-    return sum(int((x[k] == y[k]).sum()) for k in x) / sum(x[k].numel() for k in x)
+    layers: dict[int, list[int]] = {}
+    for k in x:
+        same = layers.setdefault(int(k.split(".")[0]), [0, 0])
+        same[0] += int((x[k] == y[k]).sum())
+        same[1] += x[k].numel()
+    return sum(v[0] for v in layers.values()) / sum(v[1] for v in layers.values()), [v[0] / v[1] for _, v in sorted(layers.items())]
 
 
 def worker(args) -> None:
@@ -109,7 +115,7 @@ def worker(args) -> None:
     ids = data.calibration_tokens("austen", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen)
     kwargs = {"world": world} if world is not None and world.size > 1 else {}
     t0 = time.perf_counter()
-    report = compress_model(model, ids, method=run.method, pattern=args.pattern, device=args.device, batch_tokens=args.batch_tokens,
+    report = compress_model(model, ids, method=run.method, pattern=args.pattern, device=args.device, batch_tokens=int(args.batch_tokens),
                             **run.options, **kwargs)
     total = time.perf_counter() - t0
     if world is not None and world.rank != 0:
@@ -134,10 +140,9 @@ def pass_flops(model_name: str, groups: list[list[str]], nsamples: int, seqlen: 
     """FLOPs each pass of this checkout's code performs, summed over the layers (all alike):
     forward = every linear and causal attention (QKᵀ and AV over (seqlen+1)/2 positions on
     average); statistics = the same up to the last linear's input (the pass stops there) plus the
-    upper panels of one Gram product per group of linears sharing an input (stats.add_gram)."""
+    Gram product XᵀX per group of linears sharing an input."""
     from thanos_deploy import loading, models
     from thanos_deploy.bench.artifacts import attention_macs_per_position
-    from thanos_deploy.pipeline.stats import gram_macs
 
     model, _ = loading.load(model_name)
     layers = models.decoder_layers(model)
@@ -146,7 +151,7 @@ def pass_flops(model_name: str, groups: list[list[str]], nsamples: int, seqlen: 
     attention = attention_macs_per_position(model.config) / len(layers) * (seqlen + 1) / 2
     every = sum(m.in_features * m.out_features for m in linears.values())
     last = linears[groups[-1][-1]]
-    gram = sum(gram_macs(linears[group[0]].in_features) for group in groups)
+    gram = sum(linears[group[0]].in_features ** 2 for group in groups)
     forward = 2 * tokens * len(layers) * (every + attention)
     stats = 2 * tokens * len(layers) * (every - last.in_features * last.out_features + attention + gram)
     return {"statistics": stats, "forward": forward}
@@ -214,7 +219,7 @@ def main() -> None:
                       f"{f.get('perplexity', float('nan')):>8.2f}", flush=True)
         rates.append(matmul_rate(args.device))
         masks = {run.label: agreement(Path(tmp) / f"masks-{i}-0.safetensors", Path(tmp) / "masks-0-0.safetensors") for i, run in enumerate(runs)}
-        repeatable = {run.label: all(agreement(Path(tmp) / f"masks-{i}-{r}.safetensors", Path(tmp) / f"masks-{i}-0.safetensors") == 1.0
+        repeatable = {run.label: all(agreement(Path(tmp) / f"masks-{i}-{r}.safetensors", Path(tmp) / f"masks-{i}-0.safetensors")[0] == 1.0
                                      for r in range(args.repeats)) for i, run in enumerate(runs)}
 
     rate = statistics.median(rates)
@@ -224,8 +229,10 @@ def main() -> None:
     for label, m in medians.items():
         print(f"{label:<40}{m['statistics']:>11.1f}{m['prune']:>8.1f}{m['forward']:>9.1f}{m['communication']:>7.1f}{m['total']:>8.1f}"
               f"{m.get('perplexity', float('nan')):>8.2f}")
-    print(f"masks against {runs[0].label}'s: " + "; ".join(f"{label} {m:.4f}" for label, m in masks.items())
-          + (f" (every run gave the same masks on every repeat: {all(repeatable.values())})" if args.repeats > 1 else ""))
+    print(f"masks against {runs[0].label}'s" + (f" (every run gave the same masks on every repeat: {all(repeatable.values())})" if args.repeats > 1 else "")
+          + ", in all and by layer (first, fifth, last):")
+    for label, (whole, layers) in masks.items():
+        print(f"  {label:<38}{whole:.4f}   " + ", ".join(f"{layers[i]:.4f}" for i in sorted({0, min(4, len(layers) - 1), len(layers) - 1})))
     ratios = {}
     if len(runs) > 1:
         ref = runs[-1].label

@@ -5,13 +5,13 @@ on LLaMA-2-7B, 13B and 70B, on 1 and 8 GPUs, from measured per-linear solve time
     python bench/studies/scale_projection.py --gpu-figures bench/results/gpu_compress_scaling.json
 
 The model, each assumption printed next to its result:
-- solves: one linear's pruning math takes k·c·b² seconds (c rows, b inputs: its two GEMMs per block
-  and the per-row systems all grow so for b ≫ B); k is fitted per device on measured linears (this
-  machine: timed here, SmolLM2's and LLaMA-2-7B's shapes; GPU: an H200's LLaMA-2-7B shapes, from
-  docs/speed.md, unless --gpu-figures brings a newer run), and the fit's error on the measured
-  shapes is printed;
+- solves: one linear's pruning math (c rows, b inputs, B = 512) takes k₁·b³ (factorisation) +
+  k₂·c·b² (the GEMM updates) + k₃·c·b (the per-row systems) seconds; the k are fitted per device on
+  measured linears (this machine: timed here, SmolLM2's and LLaMA-2-7B's shapes; GPU: an H200's
+  three LLaMA-2-7B shapes, from docs/speed.md, unless --gpu-figures brings a newer run), and the
+  fit's error on the measured shapes is printed. 13B and 70B are extrapolations of that fit;
 - passes: per token and layer, the forward (every linear and causal attention) twice and the
-  statistics' Gram products (upper panels, stats.add_gram), at a fraction of a stated matmul rate;
+  statistics' Gram products XᵀX, at a fraction of a stated matmul rate;
 - N processes: each pass takes 1/N; each layer's solves take the largest load of the cost-balanced
   plan (distributed.World.assign: one linear is never split); the Hessians' all-gather moves
   (N-1)/N of them to every GPU at a stated bandwidth.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from thanos_deploy.bench.timing import matmul_rate
 from thanos_deploy.methods import get_method
 from thanos_deploy.patterns import parse_pattern
 from thanos_deploy.pipeline.distributed import World
-from thanos_deploy.pipeline.stats import Stats, gram_macs
+from thanos_deploy.pipeline.stats import Stats
 
 MODELS = {  # hidden, MLP, layers, heads, kv heads
     "LLaMA-2-7B": (4096, 11008, 32, 32, 32),
@@ -66,20 +65,41 @@ def time_solve(rows: int, cols: int) -> float:
     return time.perf_counter() - t0
 
 
-def fit(measured: dict[tuple[int, int], float]) -> tuple[float, dict]:
-    """k of t = k·c·b², the median over the measured shapes, and each shape's error of the fit."""
-    k = statistics.median(t / (c * b * b) for (c, b), t in measured.items())
-    return k, {f"{c}x{b}": round(k * c * b * b / t - 1, 3) for (c, b), t in measured.items()}
+TERMS = ("b³", "c·b²", "c·b")  # factorisation; the GEMM updates; the per-row systems of size ≤ B (fixed B)
 
 
-def project(name: str, k: float, processes: int, gram_rate: float, forward_rate: float, link: float | None) -> dict:
+def terms(c: int, b: int) -> list[float]:
+    return [float(b) ** 3, float(c) * b * b, float(c) * b]
+
+
+def fit(measured: dict[tuple[int, int], float]) -> tuple[list[float], dict]:
+    """Seconds per term of t = k₁·b³ + k₂·c·b² + k₃·c·b, least squares on the relative errors
+    (terms that would come out negative are dropped), and each shape's error of the fit."""
+    keep = list(range(len(TERMS)))
+    while True:
+        A = torch.tensor([[terms(c, b)[j] / t for j in keep] for (c, b), t in measured.items()], dtype=torch.float64)
+        k = torch.linalg.lstsq(A, torch.ones(len(measured), 1, dtype=torch.float64)).solution.squeeze(1)
+        if bool((k >= 0).all()):
+            break
+        keep.pop(int(torch.argmin(k)))
+    coefficients = [0.0] * len(TERMS)
+    for j, value in zip(keep, k.tolist()):
+        coefficients[j] = value
+    return coefficients, {f"{c}x{b}": round(seconds(coefficients, c, b) / t - 1, 3) for (c, b), t in measured.items()}
+
+
+def seconds(k: list[float], c: int, b: int) -> float:
+    return sum(x * y for x, y in zip(k, terms(c, b)))
+
+
+def project(name: str, k: list[float], processes: int, gram_rate: float, forward_rate: float, link: float | None) -> dict:
     hidden, mlp, layers, heads, kv = MODELS[name]
     shapes = linears(hidden, mlp, heads, kv)
-    solve = {n: k * c * b * b for n, (c, b) in shapes.items()}
+    solve = {n: seconds(k, c, b) for n, (c, b) in shapes.items()}
     owner = World(0, processes).assign(solve)
     solves = max(sum(t for n, t in solve.items() if owner[n] == r) for r in range(processes)) * layers
     macs = sum(c * b for c, b in shapes.values()) + 2 * hidden * 2048 / 2  # + causal attention over 1024 positions on average
-    gram = sum(gram_macs(b) for b in (hidden, hidden, hidden, mlp))  # the inputs of q/k/v, o, gate/up, down
+    gram = sum(b * b for b in (hidden, hidden, hidden, mlp))  # the inputs of q/k/v, o, gate/up, down
     passes = TOKENS * layers * (2 * 2 * macs / forward_rate + 2 * gram / gram_rate) / processes
     hessian_bytes = 4 * (3 * hidden * hidden + mlp * mlp)
     communication = layers * hessian_bytes * (processes - 1) / link if link and processes > 1 else 0.0
@@ -100,7 +120,8 @@ def main() -> None:
         cpu[shape] = time_solve(*shape)
         print(f"this CPU: Thanos 2:4 on {shape[0]}x{shape[1]}: {cpu[shape]:.2f} s", flush=True)
     k_cpu, cpu_errors = fit(cpu)
-    print(f"this CPU (float32 matmul {rate / 1e9:.0f} GFLOP/s): k = {k_cpu:.3e} s per c·b²; fit error per shape {cpu_errors}")
+    print(f"this CPU (float32 matmul {rate / 1e9:.0f} GFLOP/s): seconds per {', '.join(TERMS)}: {', '.join(f'{v:.2e}' for v in k_cpu)}; "
+          f"fit error per shape {cpu_errors}")
 
     gpu_solves, source = H200_SOLVES, "H200, docs/speed.md (torch 2.11)"
     if args.gpu_figures:
@@ -109,7 +130,7 @@ def main() -> None:
         gpu_solves = {tuple(int(v) for v in key.split("x")): t for key, t in one.items()}
         source = f"{', '.join(figures['gpus'][:1])}, {args.gpu_figures}"
     k_gpu, gpu_errors = fit(gpu_solves)
-    print(f"GPU solves from {source}: k = {k_gpu:.3e} s per c·b²; fit error per shape {gpu_errors}")
+    print(f"GPU solves from {source}: seconds per {', '.join(TERMS)}: {', '.join(f'{v:.2e}' for v in k_gpu)}; fit error per shape {gpu_errors}")
     print(f"GPU passes assumed: Gram products at {GPU['efficiency']:.0%} of {GPU['fp32_matmul'] / 1e12:.0f} TFLOP/s float32, forward at "
           f"{GPU['efficiency']:.0%} of {GPU['bf16_matmul'] / 1e12:.0f} TFLOP/s bfloat16; Hessians all-gathered at {GPU['link_bytes_per_s'] / 1e9:.0f} GB/s; "
           f"calibration {TOKENS} tokens (128 x 2048)")

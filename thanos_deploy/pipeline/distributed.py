@@ -135,16 +135,19 @@ class World:
             stats.tokens = sum(self.gather(stats.tokens))
 
     def share_weights(self, linears: dict[str, nn.Linear], owner: dict[str, int]) -> None:
-        """Each linear's weight from the rank that pruned it, in a fixed order."""
+        """Each linear's weight (and bias: width pruning zeroes removed units' biases) from the
+        rank that pruned it, in a fixed order."""
         if self.single:
             return
         with self._exchange():
             for name, linear in linears.items():
-                weight = linear.weight.data
-                piece = weight if weight.is_contiguous() else weight.contiguous()
-                dist.broadcast(piece, src=owner[name])
-                if piece is not weight:
-                    weight.copy_(piece)
+                for tensor in (linear.weight.data, None if linear.bias is None else linear.bias.data):
+                    if tensor is None:
+                        continue
+                    piece = tensor if tensor.is_contiguous() else tensor.contiguous()
+                    dist.broadcast(piece, src=owner[name])
+                    if piece is not tensor:
+                        tensor.copy_(piece)
 
     @contextmanager
     def together(self):

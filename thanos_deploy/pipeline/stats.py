@@ -10,10 +10,11 @@ Sums, not means: every method is invariant to the scale (damping is relative to 
 Linears that read the same input tensor (q/k/v, gate/up, OPT's q/k/v) share one accumulator: the
 hooks recognise the shared tensor at run time, so no model family needs a hand-written list.
 
-Two savings of the statistics pass, both exact up to rounding: H is symmetric, so only its upper
-block triangle is multiplied out (`add_gram`, about 0.6 of the products of a full XᵀX); and the
-layer's output is never used, so a pass stops as soon as every hooked linear has its input
-(`AllInputsSeen`): the last linear (down_proj) and what follows it are never computed.
+The layer's output is never used, so a statistics pass stops as soon as every hooked linear has its
+input (`AllInputsSeen`): the last linear (down_proj) and what follows it are never computed, and the
+statistics are bit-identical to a whole pass's. (Multiplying out only the upper panels of the
+symmetric XᵀX saves a third of its time but changes H by rounding, which moves Thanos's masks and
+perplexity by percents: docs/speed.md.)
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Stats:
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.hessian is not None:
-            add_gram(self.hessian, x)
+            self.hessian.addmm_(x.T, x)
             self.sq_norms.copy_(self.hessian.diagonal())
         else:
             self.sq_norms.add_(x.square().sum(0))
@@ -67,28 +68,6 @@ class Stats:
     @property
     def error_tokens(self) -> int:
         return self.tokens if self.hessian is not None else sum(len(x) for x in self.sample)
-
-
-def add_gram(H: torch.Tensor, x: torch.Tensor) -> None:
-    """H += xᵀx, multiplying out only the panels on and above the diagonal (row panels of
-    `gram_panel(n)` rows), then mirroring them: H stays exactly symmetric."""
-    n, b = H.shape[0], gram_panel(H.shape[0])
-    for i in range(0, n, b):
-        H[i : i + b, i:].addmm_(x[:, i : i + b].T, x[:, i:])
-    for i in range(b, n, b):
-        H[i : i + b, :i].copy_(H[:i, i : i + b].T)
-
-
-def gram_panel(n: int) -> int:
-    """Rows per panel of `add_gram`: 128 (measured best on CPU, 0.68x the time of a full product
-    for n = 576 and 1536), or n/16 for wide inputs so the panels stay few and large."""
-    return max(128, -(-n // 16))
-
-
-def gram_macs(n: int) -> int:
-    """Multiply-adds `add_gram` spends per token on an n-wide input (n² for a full product)."""
-    b = gram_panel(n)
-    return sum(min(b, n - i) * (n - i) for i in range(0, n, b))
 
 
 class AllInputsSeen(Exception):
