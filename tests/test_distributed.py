@@ -75,11 +75,9 @@ def assert_same_bytes(out: Path, reference: Path) -> None:
             assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def test_two_processes_write_the_same_bytes_every_time_and_the_masks_of_one(job, two, tmp_path):
+def test_two_processes_record_their_world_and_give_the_masks_of_one(job, two):
+    """(That two runs on two processes write the same bytes: the killed-and-resumed run below.)"""
     args, reference = job
-    again = two_processes(*args, "--out", str(tmp_path / "again"), "--activations-on-disk")  # where activations live changes no byte
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_bytes(tmp_path / "again", two)
     manifest = json.loads((two / "thanos_deploy.json").read_text())
     assert manifest["world"] == 2 and manifest["seconds"]["communication"] >= 0
     assert json.loads((reference / "thanos_deploy.json").read_text())["world"] == 1
@@ -107,7 +105,7 @@ def worker_pids(launcher: int) -> dict[int, int]:
 def test_a_killed_process_stops_the_run_in_one_line_and_resumes_on_two_or_one(job, two, tmp_path):
     args, reference = job
     out = tmp_path / "out"
-    launcher = subprocess.Popen([CLI, *args, "--out", str(out), "--nproc", "2", "--offload"], stdout=subprocess.PIPE,
+    launcher = subprocess.Popen([CLI, *args, "--out", str(out), "--nproc", "2", "--offload", "--activations-on-disk"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, **TWO})
     wait_for_layers(out, launcher, 1)
     ranks = worker_pids(launcher.pid)
@@ -118,12 +116,13 @@ def test_a_killed_process_stops_the_run_in_one_line_and_resumes_on_two_or_one(jo
     _, stderr = launcher.communicate(timeout=300)
     lines = [line for line in stderr.splitlines() if line.strip() and "━" not in line]
     assert launcher.returncode == 1 and len(lines) == 1, stderr
-    assert lines[0].startswith("error: process 1 of 2 was killed by SIGKILL") and lines[0].endswith("--nproc 2 --offload --resume"), lines[0]
+    assert lines[0].startswith("error: process 1 of 2 was killed by SIGKILL") and lines[0].endswith("--nproc 2 --offload --activations-on-disk --resume")
     partial = out.parent / f".{out.name}.partial"
     assert 1 <= json.loads((partial / "progress.json").read_text())["done"] < LAYERS and not out.exists()
     shutil.copytree(partial, tmp_path / ".copy.partial")
 
-    resumed = two_processes(*args, "--out", str(out), "--offload", "--resume")  # the same N: the same bytes as never killed
+    # the same N: the same bytes as the run never killed (which kept its activations in memory and read the whole model)
+    resumed = two_processes(*args, "--out", str(out), "--offload", "--activations-on-disk", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_bytes(out, two)
     one = run_cli(*args, "--out", str(tmp_path / "copy"), "--resume")  # one process now: the hidden states are recomputed
@@ -224,7 +223,7 @@ def test_more_processes_than_windows_and_nproc_under_torchrun_are_one_line_error
 
 @pytest.mark.slow
 def test_smollm2_on_two_processes_is_as_close_to_one_as_one_is_to_itself(tmp_path, smollm2_folder):
-    """Thanos 2:4 on SmolLM2's first 4 layers (its real weights and tokenizer; all 30 take minutes).
+    """Thanos 2:4 on SmolLM2's first 3 layers (its real weights and tokenizer; all 30 take minutes).
     Two processes differ from one by the order of the Hessian sums only. Layer 0 sees the same
     inputs, so its masks agree to 99.5 %; after it, any rounding difference moves later layers'
     masks, and two processes move them no more than one process with other batches does
@@ -232,12 +231,12 @@ def test_smollm2_on_two_processes_is_as_close_to_one_as_one_is_to_itself(tmp_pat
     from thanos_deploy import loading
 
     model, tokenizer = loading.load(str(smollm2_folder))
-    model.model.layers = model.model.layers[:4]
-    model.config.num_hidden_layers = 4
-    model.save_pretrained(tmp_path / "smollm2-4")
-    tokenizer.save_pretrained(tmp_path / "smollm2-4")
-    args = ["compress", str(tmp_path / "smollm2-4"), "--nsamples", "8", "--seqlen", "512"]
-    for name, extra in (("one", []), ("rebatched", ["--batch-tokens", "2048"])):
+    model.model.layers = model.model.layers[:3]
+    model.config.num_hidden_layers = 3
+    model.save_pretrained(tmp_path / "smollm2-3")
+    tokenizer.save_pretrained(tmp_path / "smollm2-3")
+    args = ["compress", str(tmp_path / "smollm2-3"), "--nsamples", "8", "--seqlen", "256"]
+    for name, extra in (("one", []), ("rebatched", ["--batch-tokens", "512"])):
         r = run_cli(*args, *extra, "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
     two = two_processes(*args, "--out", str(tmp_path / "two"))
