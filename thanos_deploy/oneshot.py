@@ -316,7 +316,7 @@ def _oneshot(model, out, world: distributed.World, started: float, *, method, pa
         run = resume.RunFolder(out, resume=resume_run, overwrite=overwrite) if out is not None and world.rank == 0 else None
     with resume.guard(run, "thanos-deploy") if run else nullcontext():
         with world.together():
-            net, tokenizer, weights, ids = _load(model, job, world, loaded=loaded, offloaded=offloaded, dtype=dtype, calib=calib, calib_ids=calib_ids,
+            net, tokenizer, weights, ids = _load(model, job, loaded=loaded, offloaded=offloaded, dtype=dtype, calib=calib, calib_ids=calib_ids,
                                                  calib_tokens=calib_tokens, nsamples=nsamples, seqlen=seqlen, seed=seed, docs=docs, status=status, say=say)
         calibration = {"source": str(calib_tokens) if calib_tokens is not None else calib, "seed": None if calib_tokens is not None else seed}
         evaluation = {}
@@ -329,15 +329,11 @@ def _oneshot(model, out, world: distributed.World, started: float, *, method, pa
                        "batch_tokens": batch_tokens, "device": dev.type, "versions": versions()}
         distributed.check_same(world, {**fingerprint, "out": str(out), "resume": resume_run, "overwrite": overwrite, "eval_windows": eval_windows})
         on_disk = activations.wants_on_disk(activations_on_disk, net, ids)
-        store = run
-        if run:
-            with world.together():
+        with world.together():  # process 0 records the fingerprint, or checks a resumed run's
+            if run:
                 run.start(fingerprint, net, weights=weights, write_dtype=job.save_dtype if job.storage == "masked" else None,
                           activations_on_disk=on_disk, processes=world.size)
-        elif out is not None:
-            with world.together():
-                pass  # process 0 checks the fingerprint of a resumed run
-            store = resume.Follower(resume.partial_folder(out), world.rank, net, weights=weights, activations_on_disk=on_disk)
+        store = run if run or out is None else resume.Follower(resume.partial_folder(out), world.rank, net, weights=weights, activations_on_disk=on_disk)
         report = compress_model(net, ids, method=job.method.name, pattern=job.pattern, device=dev, batch_tokens=batch_tokens,
                                 progress=progress, targets=list(job.targets), ignore=list(job.ignore), store=store, world=world, **job.options)
         if world.rank != 0:
@@ -360,7 +356,7 @@ def _oneshot(model, out, world: distributed.World, started: float, *, method, pa
     return Result(net, tokenizer, report, made, out)
 
 
-def _load(model: str, job: Job, world: distributed.World, *, loaded, offloaded: bool, dtype: str, calib: str, calib_ids, calib_tokens, nsamples: int,
+def _load(model: str, job: Job, *, loaded, offloaded: bool, dtype: str, calib: str, calib_ids, calib_tokens, nsamples: int,
           seqlen: int, seed: int, docs, status, say):
     """(model, tokenizer, offloaded weights or None, calibration ids), checked against the job."""
     with status(f"loading {model}"):
@@ -375,8 +371,6 @@ def _load(model: str, job: Job, world: distributed.World, *, loaded, offloaded: 
         say(decided)
     with status(f"tokenizing calibration data '{calib}'"):
         ids = calibration_ids(net, tokenizer, ids=calib_ids, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, docs=docs)
-    if len(ids) < world.size:
-        raise UserError(f"{len(ids)} calibration windows cannot be shared by {world.size} processes: use --nsamples {world.size} or more")
     return net, tokenizer, weights, ids
 
 

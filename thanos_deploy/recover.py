@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import time
 from contextlib import nullcontext
@@ -42,7 +41,7 @@ from .compact.linear import CompactLinear
 from .errors import UserError, at_least
 from .evaluate import perplexity
 from .oneshot import versions
-from .pipeline import resume
+from .pipeline import distributed, resume
 
 DEFAULT_TOKENS = 131_072  # 128 steps of 4 × 256: 12.5 minutes for SmolLM2-135M on a 2-core CPU (bench/studies/recovery.py)
 STEPS_PER_DRAW = 64  # windows for this many steps are drawn per pass over the calibration text
@@ -152,20 +151,6 @@ class Windows:
         return self.drawn[draw][index * s.batch_size:(index + 1) * s.batch_size]
 
 
-def _world(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): one process, or one of torchrun's (gloo on CPU, NCCL on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = loading.pick_device(device_name)
-    if world == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def _same_model(a: str, b: str) -> bool:
     try:
         return Path(loading.resolve(a)).resolve() == Path(loading.resolve(b)).resolve()
@@ -260,7 +245,8 @@ def recover(
     at_least(2, seqlen=s.seqlen, eval_seqlen=s.eval_seqlen)
     if s.lr <= 0 or s.temperature <= 0 or s.ce_weight < 0 or not 0 <= s.warmup < 1:
         raise UserError("--lr and --temperature must be positive, --ce-weight at least 0 and --warmup in [0, 1)")
-    rank, world, dev = _world(device)
+    place = distributed.start(device)  # one process, or one of torchrun's (gloo on CPU, NCCL on CUDA)
+    rank, world, dev = place.rank, place.size, place.device
     if s.batch_size % world:
         raise UserError(f"--batch-size {s.batch_size} does not split over {world} processes: use a multiple of {world}")
     out = checkpoint.check_output(out, overwrite)

@@ -65,7 +65,7 @@ class World:
         """Rank of each linear: largest cost first onto the least loaded rank (ties: lowest rank)."""
         load = [0.0] * self.size
         owner = {}
-        for name in sorted(costs, key=lambda n: (-costs[n], list(costs).index(n))):
+        for name in sorted(costs, key=lambda n: -costs[n]):  # a stable sort: equal costs keep their order
             rank = min(range(self.size), key=lambda r: (load[r], r))
             owner[name] = rank
             load[rank] += costs[name]
@@ -132,7 +132,9 @@ class World:
                 self.sum_(stats.sq_norms)
                 samples = self.gather([x.cpu() for x in stats.sample])
                 stats.sample = [x.to(stats.sq_norms.device) for part in samples for x in part]
-            stats.tokens = sum(self.gather(stats.tokens))
+        counts = self.gather({name: stats.tokens for name, stats in collector.stats.items()})
+        for name, stats in collector.stats.items():
+            stats.tokens = sum(count[name] for count in counts)
 
     def share_weights(self, linears: dict[str, nn.Linear], owner: dict[str, int]) -> None:
         """Each linear's weight (and bias: width pruning zeroes removed units' biases) from the

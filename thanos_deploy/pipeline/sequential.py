@@ -143,16 +143,17 @@ def prune_layer(layer: nn.Module, inputs: LayerInputs, method, pattern, options:
         owner = world.assign({name: _solve_cost(linear, method) for name, linear in subs.items()})
     t1, c1 = time.perf_counter(), world.seconds
     with world.together():
-        if units is not None and world.rank == 0:
+        if units is None:
+            for name, linear in subs.items():
+                if owner[name] == world.rank:
+                    report["linears"].append(_prune_linear(linear, collector[name], method, pattern, options, f"layers.{index}.{name}", on_linear, name))
+        elif world.rank == 0:
             report["units"], before = width.prune_units(method, options, units, layer, collector.__getitem__, widths)
             seconds = (time.perf_counter() - t1) / len(before)
             for name, weight in before.items():
                 new = layer.get_submodule(name).weight.data
                 numerics.check_weight(new, f"layers.{index}.{name}")
                 report["linears"].append(_entry(name, weight, new, collector[name], seconds))
-        for name, linear in subs.items() if units is None else ():
-            if owner[name] == world.rank:
-                report["linears"].append(_prune_linear(linear, collector[name], method, pattern, options, f"layers.{index}.{name}", on_linear, name))
     t_prune = time.perf_counter() - t1 - (world.seconds - c1)
     if not world.single:
         world.share_weights(subs, owner)
