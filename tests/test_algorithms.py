@@ -10,8 +10,9 @@ from thanos_deploy import compress_model, prune_weight
 from thanos_deploy.errors import UserError
 from thanos_deploy.methods import get_method, sparsegpt, thanos
 from thanos_deploy.methods.hessian import inverse_cholesky, trailing_inverse
+from thanos_deploy.methods.stats import Stats
 from thanos_deploy.patterns import parse_pattern
-from thanos_deploy.pipeline.stats import Stats
+from thanos_deploy.request import Pruning
 
 from .conftest import random_ids, tiny_model
 
@@ -230,7 +231,7 @@ def test_dead_inputs_are_zeroed_without_nans():
     W, X, _ = problem(cols=16, dtype=torch.float32)
     X[:, 3] = 0
     for method in ("thanos", "sparsegpt"):
-        new = prune_weight(W, X, method=method, pattern="2:4")
+        new = prune_weight(W, X, Pruning(method, "2:4"))
         assert torch.isfinite(new).all() and (new[:, 3] == 0).all()
 
 
@@ -238,7 +239,7 @@ def test_dead_inputs_are_zeroed_without_nans():
 @pytest.mark.parametrize("method", ["thanos", "sparsegpt"])
 def test_half_precision_layers(method, dtype):
     model = tiny_model().to(dtype)
-    compress_model(model, random_ids(2, 16), method=method, pattern="2:4")
+    compress_model(model, random_ids(2, 16), Pruning(method, "2:4"))
     w = model.model.layers[1].mlp.down_proj.weight
     assert w.dtype == dtype and torch.isfinite(w).all()
     assert ((w.view(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
@@ -247,12 +248,12 @@ def test_half_precision_layers(method, dtype):
 def test_driver_names_the_layer_in_warnings():
     model = tiny_model()
     ids = torch.zeros(2, 16, dtype=torch.long)  # one repeated token: rank-deficient Hessians
-    report = compress_model(model, ids, method="thanos", pattern="2:4", percdamp=1e-6)
+    report = compress_model(model, ids, Pruning("thanos", "2:4", {"percdamp": 1e-6}))
     messages = [w for layer in report["layers"] for e in layer["linears"] for w in e.get("warnings", [])]
     assert messages and all(m.startswith("layers.") for m in messages)
     assert any("retrying" in m for m in messages) and any("rank-deficient Hessian" in m for m in messages)
     with pytest.raises(UserError, match=r"^layers\.0\.self_attn\.q_proj: the Hessian could not be factorised"):
-        compress_model(tiny_model(), ids, method="sparsegpt", pattern="2:4", percdamp=1e-30)
+        compress_model(tiny_model(), ids, Pruning("sparsegpt", "2:4", {"percdamp": 1e-30}))
 
 
 @pytest.mark.gpu
@@ -261,8 +262,8 @@ def test_driver_names_the_layer_in_warnings():
 @pytest.mark.parametrize("pattern", ["unstructured:0.5", "2:4", "structured:0.3"])
 def test_cuda_matches_cpu(method, pattern):
     W, X, _ = problem(rows=64, cols=128, tokens=512, dtype=torch.float32)
-    cpu = prune_weight(W, X, method=method, pattern=pattern, block_size=32)
-    gpu = prune_weight(W.cuda(), X.cuda(), method=method, pattern=pattern, block_size=32)
+    cpu = prune_weight(W, X, Pruning(method, pattern, {"block_size": 32}))
+    gpu = prune_weight(W.cuda(), X.cuda(), Pruning(method, pattern, {"block_size": 32}))
     assert gpu.is_cuda
     agree = float(((gpu.cpu() == 0) == (cpu == 0)).float().mean())
     assert agree > 0.99

@@ -93,6 +93,12 @@ def inputs(tmp_path_factory, tiny_folder) -> dict:
     files["nan_model"] = str(nan)
     import transformers
 
+    gemma = root / "gemma3-like"  # Gemma 3 270M's head layout (4 heads, 1 KV head, head_dim apart from hidden / heads), weights cut
+    layout = transformers.AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=1, head_dim=16, vocab_size=256, sliding_window=64, max_position_embeddings=512)
+    transformers.AutoModelForCausalLM.from_config(layout).save_pretrained(gemma)
+    os.truncate(gemma / "model.safetensors", 100)  # the refusal must come before the weights are read
+    files["gemma"] = str(gemma)
     gpt2 = root / "gpt2"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
     files["gpt2"] = str(gpt2)
@@ -159,6 +165,12 @@ CASES = [
     Case("shrink-with-nm", ["compress", "{model}", "--pattern", "2:4", "--shrink", "--out", "{out}"], "--shrink needs a structured pattern"),
     Case("offload-with-pack", ["compress", "{model}", "--pattern", "2:4", "--pack", "--offload", "--out", "{out}"], "--offload writes masked checkpoints"),
     Case("seqlen-zero", ["eval", "{model}", "--seqlen", "0"], "--seqlen"),
+    Case("nsamples-zero", ["compress", "{model}", "--nsamples", "0", "--out", "{out}"], "--nsamples must be at least 1"),
+    Case("compare-nsamples-zero", ["compare", "{model}", "--methods", "wanda", "--nsamples", "0"], "--nsamples must be at least 1"),
+    Case("bench-nsamples-zero", ["bench", "{model}", "--plan", "default", "--nsamples", "0", "--out", "{out}"], "--nsamples must be at least 1"),
+    Case("width-heads-the-config-refuses", ["compress", "{gemma}", "--pattern", "width:mlp=0.3,heads=0.25", "--out", "{out}"],
+         "accepts 1, 2 or 4 query heads"),
+    Case("resume-without-out", ["compress", "{model}", "--resume"], "--resume continues a run that writes an artifact: pass --out"),
     Case("zero-new-tokens", ["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     Case("compare-unknown-option", ["compare", "{model}", "--methods", "thanos:beta=1"], "beta"),
     Case("compare-no-methods", ["compare", "{model}", "--methods", ","], "--methods"),

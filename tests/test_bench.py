@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from thanos_deploy import checkpoint, compress_model, loading
+from thanos_deploy import compress_model, loading
+from thanos_deploy.artifact import Manifest, save
 from thanos_deploy.bench.plan import DEFAULT_PLAN, parse_plan
 from thanos_deploy.bench.timing import percentile, schedule, speedup, summarize
 from thanos_deploy.compact.pack import pack_model
 from thanos_deploy.errors import UserError
-from thanos_deploy.patterns import parse_pattern
 from thanos_deploy.evaluate import backend_perplexity, perplexity
-from thanos_deploy.bench.plots import pareto_front
+from thanos_deploy.patterns import parse_pattern
+from thanos_deploy.plots import pareto_front
+from thanos_deploy.request import Pruning
 from thanos_deploy.runtime import open_backend
 
 from .conftest import random_ids, run_cli, start_cli, tiny_model
@@ -120,13 +122,12 @@ def test_plan_adds_dense_and_rejects_bad_lines():
 
 def _packed_candidate(tiny_folder, out, save_dtype=None):
     net, tokenizer = loading.load(str(tiny_folder))
-    report = compress_model(net, random_ids(4, 32, vocab=200), method="magnitude", pattern="2:4")
+    report = compress_model(net, random_ids(4, 32, vocab=200), Pruning("magnitude", "2:4"))
     if save_dtype is not None:
         net.to(save_dtype)
     modules = pack_model(net, parse_pattern("2:4"), alpha=0.0)
-    manifest = {"format": "thanos-deploy/1", "storage": "packed", "pattern": "2:4", "method": "magnitude", "options": {},
-                "seconds": report["seconds"], "modules": modules}
-    return checkpoint.save(net, tokenizer, out, manifest)
+    save(net, tokenizer, out, Manifest(storage="packed", pattern="2:4", method="magnitude", options={}, seconds=report["seconds"], modules=modules))
+    return out
 
 
 def test_bench_artifacts_on_torch_end_to_end(tmp_path, tiny_folder):
@@ -149,7 +150,7 @@ def test_bench_artifacts_on_torch_end_to_end(tmp_path, tiny_folder):
     assert dense["speed"]["1x16"]["prefill_speedup"]["ratio"] == 1.0
     assert "run dense" in cand["what_ran"] and "expect 1.0×" in cand["what_ran"]  # CPU: 2:4 does not run sparse
     assert cand["speed"]["2x16"]["prefill_flop_ratio"] == pytest.approx(1.0)  # ... so its executed FLOPs equal dense
-    assert cand["pruning_seconds"]["prune"] == checkpoint.read_manifest(packed)["seconds"]["prune"]
+    assert cand["pruning_seconds"]["prune"] == Manifest.read(packed).seconds["prune"]
     assert cand["memory"]["peak_rss_bytes"] > 10 * 2**20 and cand["bytes"] == (packed / "model.safetensors").stat().st_size
     assert dense["perplexity"]["windows"] == 2 and cand["perplexity"]["perplexity"] > 1
     assert result["machine"]["versions"]["torch"] == torch.__version__

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from thanos_deploy import compress_model, models
+from thanos_deploy.errors import UserError
 from thanos_deploy.loading import pick_device
 from thanos_deploy.oneshot import default_out
-from thanos_deploy.errors import UserError
+from thanos_deploy.request import Pruning
 from thanos_deploy.targets import matches, select
 
 from .conftest import random_ids, run_cli, tiny_model
@@ -24,8 +25,7 @@ def test_pattern_convention():
 
 def test_targets_and_ignore_pick_the_pruned_linears():
     model = tiny_model()
-    report = compress_model(model, random_ids(2, 16), method="wanda", pattern="2:4", targets=["down_proj", "re:.*self_attn.q_proj"],
-                            ignore=["model.layers.1.mlp.down_proj"])
+    report = compress_model(model, random_ids(2, 16), Pruning("wanda", "2:4", targets=["down_proj", "re:.*self_attn.q_proj"], ignore=["model.layers.1.mlp.down_proj"]))
     pruned = {f"{i}.{e['name']}" for i, layer in enumerate(report["layers"]) for e in layer["linears"]}
     assert pruned == {"0.mlp.down_proj", "0.self_attn.q_proj", "1.self_attn.q_proj"}
     assert report["targets"] == ["down_proj", "re:.*self_attn.q_proj"] and report["ignore"] == ["model.layers.1.mlp.down_proj"]
@@ -42,7 +42,7 @@ def test_targets_and_ignore_pick_the_pruned_linears():
 ])
 def test_bad_target_patterns(targets, ignore, match):
     with pytest.raises(UserError, match=match):
-        select(tiny_model(), targets, ignore)
+        select(tiny_model(), Pruning("wanda", "2:4", targets=targets, ignore=ignore))
 
 
 def test_cli_unmatched_target_fails_cleanly(tmp_path, tiny_folder):

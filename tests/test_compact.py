@@ -7,14 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thanos_deploy import checkpoint, compress_model, load, models
+from thanos_deploy import compress_model, load, models
+from thanos_deploy.artifact import Manifest, save
 from thanos_deploy.compact.linear import CompactLinear
-from thanos_deploy.compact.pack import pack_model
+from thanos_deploy.compact.pack import pack, pack_model, unpack
 from thanos_deploy.compact.shrink import shrink_model
-from thanos_deploy.compact.pack import pack, unpack
 from thanos_deploy.errors import UserError
 from thanos_deploy.inspection import inspect_model
 from thanos_deploy.patterns import parse_pattern
+from thanos_deploy.request import Pruning
 
 from .conftest import random_ids, run_cli, tiny_model
 
@@ -90,7 +91,7 @@ def test_compact_linear_equals_dense(index, dense, bias):
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
 def test_shrink_matches_masked_model_and_reloads(tmp_path, kind, alpha):
     model = tiny_model(kind)
-    compress_model(model, random_ids(4, 32), method="thanos", pattern="structured:0.3", alpha=alpha)
+    compress_model(model, random_ids(4, 32), Pruning("thanos", "structured:0.3", {"alpha": alpha}))
     ids = random_ids(2, 24, seed=7)
     with torch.no_grad():
         masked = model(ids).logits
@@ -109,7 +110,7 @@ def test_shrink_matches_masked_model_and_reloads(tmp_path, kind, alpha):
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, masked, atol=1e-5)
     out = tmp_path / "shrunk"
-    checkpoint.save(model, None, out, {"storage": "shrunk", "modules": specs, "pattern": "structured:0.3"})
+    save(model, None, out, Manifest(storage="shrunk", modules=specs, pattern="structured:0.3"))
     reloaded, _ = load(str(out))
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, masked, atol=1e-5)
@@ -118,19 +119,19 @@ def test_shrink_matches_masked_model_and_reloads(tmp_path, kind, alpha):
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
 def test_packed_checkpoint_round_trip_and_size(tmp_path, alpha):
     model = tiny_model().to(torch.float16)
-    compress_model(model, random_ids(4, 32), method="thanos", pattern="2:4", alpha=alpha)
+    compress_model(model, random_ids(4, 32), Pruning("thanos", "2:4", {"alpha": alpha}))
     ids = random_ids(1, 16, seed=3)
     with torch.no_grad():
         masked = model(ids).logits
     specs = pack_model(model, parse_pattern("2:4"), alpha=alpha)
     out = tmp_path / "packed"
-    checkpoint.save(model, None, out, {"storage": "packed", "modules": specs, "pattern": "2:4"})
+    save(model, None, out, Manifest(storage="packed", modules=specs, pattern="2:4"))
     reloaded, _ = load(str(out))  # CPU: dense-with-zeros
     for name, spec in specs.items():  # the weights come back bit for bit
         assert torch.equal(reloaded.get_submodule(name).dense(), model.get_submodule(name).dense()), name
     with torch.no_grad():  # (a fresh fp16 model keeps its rotary frequencies in fp32: rounding-level differences)
         assert torch.allclose(reloaded(ids).logits, masked, atol=2e-3)
-    report = inspect_model(reloaded, checkpoint.read_manifest(out))
+    report = inspect_model(reloaded, Manifest.read(out))
     # 2:4 rows: half the values + 2 bits each (0.5625x); outlier rows stay dense
     assert report["totals"]["bytes"] <= (0.57 * (1 - alpha) + alpha + 0.01) * report["totals"]["dense_bytes"]
     d = sum(r["outlier_rows"] for r in report["rows"])
@@ -143,13 +144,13 @@ def test_packed_weights_use_semi_structured_kernels_on_cuda(tmp_path):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("semi-structured sparsity needs compute capability >= 8.0")
     model = tiny_model(hidden_size=128, intermediate_size=256).to(torch.float16)
-    compress_model(model, random_ids(4, 32), method="wanda", pattern="2:4")
+    compress_model(model, random_ids(4, 32), Pruning("wanda", "2:4"))
     ids = random_ids(2, 64, seed=3)
     with torch.no_grad():
         masked = model.cuda()(ids.cuda()).logits.float().cpu()
     model.cpu()
     specs = pack_model(model, parse_pattern("2:4"))
-    checkpoint.save(model, None, tmp_path / "p", {"storage": "packed", "modules": specs, "pattern": "2:4"})
+    save(model, None, tmp_path / "p", Manifest(storage="packed", modules=specs, pattern="2:4"))
     reloaded, _ = load(str(tmp_path / "p"), device="cuda")
     down = models.decoder_layers(reloaded)[0].mlp.down_proj
     assert type(down.weight.data) is not torch.Tensor  # SparseSemiStructuredTensor

@@ -14,7 +14,7 @@ import pytest
 from thanos_deploy.bench.plan import parse_plan
 from thanos_deploy.compare import Run, expand_grid, parse_methods
 from thanos_deploy.errors import UserError
-from thanos_deploy.bench.plots import pareto_front
+from thanos_deploy.plots import pareto_front
 
 from .conftest import run_cli
 

@@ -19,6 +19,7 @@ from thanos_deploy import compress_model
 from thanos_deploy.errors import UserError
 from thanos_deploy.pipeline import distributed
 from thanos_deploy.pipeline.distributed import World
+from thanos_deploy.request import Pruning
 
 from .conftest import CLI, random_ids, run_cli, tiny_model
 from .test_resume import save_ids, save_tiny, wait_for_layers
@@ -211,7 +212,7 @@ def test_windows_are_shared_once_and_solves_balanced_by_cost():
 
 def test_more_processes_than_windows_and_nproc_under_torchrun_are_one_line_errors(monkeypatch):
     with pytest.raises(UserError, match="3 calibration windows cannot be shared by 4 processes: use --nsamples 4 or more"):
-        compress_model(tiny_model(), random_ids(3, 16), method="wanda", pattern="2:4", world=World(0, 4))
+        compress_model(tiny_model(), random_ids(3, 16), Pruning("wanda", "2:4"), world=World(0, 4))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="drop it when running under torchrun"):
         distributed.launch(2, ["compress", "x", "--nproc", "2"])

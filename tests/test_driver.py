@@ -7,7 +7,9 @@ import torch
 
 from thanos_deploy import compress_model, models
 from thanos_deploy.errors import UserError
-from thanos_deploy.pipeline.stats import AllInputsSeen, InputStats, Stats
+from thanos_deploy.methods.stats import Stats
+from thanos_deploy.pipeline.hooks import AllInputsSeen, InputStats
+from thanos_deploy.request import Execution, Pruning
 
 from .conftest import random_ids, tiny_model
 
@@ -76,7 +78,7 @@ def test_driver_matches_naive_sequential_loop(kind):
     model = tiny_model(kind)
     reference = copy.deepcopy(model)
     ids = random_ids(6, 32)
-    report = compress_model(model, ids, method="wanda", pattern="unstructured:0.5", batch_tokens=64)  # 3 batches
+    report = compress_model(model, ids, Pruning("wanda", "unstructured:0.5"), Execution(batch_tokens=64))  # 3 batches
     naive_wanda(reference, ids, 0.5)
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(a == 0, b == 0), name
@@ -91,7 +93,7 @@ def test_every_family_and_pattern(kind, pattern):
     model = tiny_model(kind)
     embed_before = model.get_input_embeddings().weight.clone()
     head_before = model.get_output_embeddings().weight.clone()
-    report = compress_model(model, random_ids(4, 16), method="magnitude", pattern=pattern)
+    report = compress_model(model, random_ids(4, 16), Pruning("magnitude", pattern))
     for layer in models.decoder_layers(model):
         for name, lin in models.linears(layer).items():
             w = lin.weight
@@ -111,16 +113,16 @@ def test_unsupported_architecture():
 
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UserError, match=r"unsupported architecture 'gpt2': transformer.h.0.attn.c_attn.weight \[32, 96\] is a 2-D weight outside nn.Linear"):
-        compress_model(model, random_ids(1, 8, 64), method="wanda", pattern="2:4")
+        compress_model(model, random_ids(1, 8, 64), Pruning("wanda", "2:4"))
 
 
 def test_nm_must_divide_input_size():
     with pytest.raises(UserError, match="not a multiple of M=3"):
-        compress_model(tiny_model(), random_ids(1, 8), method="wanda", pattern="2:3")
+        compress_model(tiny_model(), random_ids(1, 8), Pruning("wanda", "2:3"))
 
 
 def test_bfloat16_model():
     model = tiny_model().to(torch.bfloat16)
-    compress_model(model, random_ids(2, 16), method="wanda", pattern="2:4")
+    compress_model(model, random_ids(2, 16), Pruning("wanda", "2:4"))
     w = models.decoder_layers(model)[0].mlp.down_proj.weight
     assert w.dtype == torch.bfloat16 and ((w.view(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()

@@ -10,10 +10,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from thanos_deploy import compress_model
 from thanos_deploy.errors import UserError
-from thanos_deploy.patterns import parse_pattern
 from thanos_deploy.exporters import sparsity
 from thanos_deploy.exporters.onnx import write_artifact
 from thanos_deploy.exporters.tensorrt import input_profiles, parse_shapes, parse_sparsity_log, trtexec_command
+from thanos_deploy.patterns import parse_pattern
+from thanos_deploy.request import Pruning
 from thanos_deploy.runtime import open_backend
 from thanos_deploy.runtime.ort import create_session
 
@@ -90,7 +91,7 @@ def tiny_exports(tmp_path_factory):
     out = {}
     for kind in ("llama", "opt"):
         model = tiny_model(kind)
-        compress_model(model, random_ids(4, 32), method="wanda", pattern="2:4")
+        compress_model(model, random_ids(4, 32), Pruning("wanda", "2:4"))
         for past in (True, False):
             folder = tmp_path_factory.mktemp(f"{kind}-{past}") / "onnx"
             out[kind, past] = (model, folder, write_artifact(model, None, folder, dtype="fp32", with_past=past))
@@ -147,7 +148,7 @@ def test_shrunk_model_exports_with_smaller_initializers(tmp_path, exporter):
     dense = tiny_model()
     write_artifact(dense, None, tmp_path / "dense", dtype="fp32", with_past=past, exporter=exporter)
     model = tiny_model()
-    compress_model(model, random_ids(4, 32), method="thanos", pattern="structured:0.3", alpha=0.1)
+    compress_model(model, random_ids(4, 32), Pruning("thanos", "structured:0.3", {"alpha": 0.1}))
     shrink_model(model, alpha=0.1)  # outlier rows: the compact linears add their extra columns
     report = write_artifact(model, None, tmp_path / "shrunk", dtype="fp32", with_past=past, exporter=exporter)
     assert report["exporter"] == ("dynamo" if past else "legacy")
@@ -175,7 +176,7 @@ def test_packed_model_with_outlier_rows_exports(tmp_path):
     from thanos_deploy.compact.pack import pack_model
 
     model = tiny_model()
-    compress_model(model, random_ids(4, 32), method="thanos", pattern="2:4", alpha=0.1)
+    compress_model(model, random_ids(4, 32), Pruning("thanos", "2:4", {"alpha": 0.1}))
     pack_model(model, parse_pattern("2:4"), alpha=0.1)  # outlier rows: outputs put back in row order
     report = write_artifact(model, None, tmp_path / "packed", dtype="fp32", with_past=True)
     assert report["verification"]["max_abs_diff"] < 1e-4

@@ -7,13 +7,15 @@ import math
 import pytest
 import torch
 
-from thanos_deploy import checkpoint, compress_model, load, models
-from thanos_deploy.compact.shrink import shrink_model
+from thanos_deploy import compress_model, load, models
+from thanos_deploy.artifact import Manifest, save
 from thanos_deploy.compact.linear import CompactLinear
 from thanos_deploy.compact.plain import plain_config
+from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.errors import UserError
 from thanos_deploy.evaluate import perplexity
 from thanos_deploy.inspection import inspect_model
+from thanos_deploy.request import Pruning
 
 from .conftest import random_ids, tiny_model
 
@@ -34,19 +36,19 @@ def test_family_compress_shrink_save_load_inspect(tmp_path, kind):
     assert len(layers) == 2 and models.linears(layers[0])
 
     nm = tiny_model(kind)
-    compress_model(nm, calib, method="thanos", pattern="2:4")
+    compress_model(nm, calib, Pruning("thanos", "2:4"))
     for layer in models.decoder_layers(nm):
         for name, linear in models.linears(layer).items():  # every linear, fused ones included, strictly 2:4 along K
             groups = linear.weight.reshape(linear.out_features, -1, 4)
             assert bool(((groups == 0).sum(-1) >= 2).all()), name
     result = perplexity(nm, random_ids(2, 32, seed=3))
     assert math.isfinite(result["perplexity"])
-    checkpoint.save(nm, None, tmp_path / "nm", {"storage": "masked", "pattern": "2:4"})
+    save(nm, None, tmp_path / "nm", Manifest(storage="masked", pattern="2:4"))
     reloaded, _ = load(str(tmp_path / "nm"))
     assert torch.allclose(logits(reloaded, ids), logits(nm, ids), atol=1e-5)
 
     st = tiny_model(kind)
-    compress_model(st, calib, method="thanos", pattern="structured:0.3", alpha=0.0)
+    compress_model(st, calib, Pruning("thanos", "structured:0.3", {"alpha": 0.0}))
     masked = logits(st, ids)
     specs = shrink_model(st, alpha=0.0)
     mlp = models.mlp(models.linears(models.decoder_layers(tiny_model(kind))[0]))
@@ -54,11 +56,11 @@ def test_family_compress_shrink_save_load_inspect(tmp_path, kind):
         down = models.decoder_layers(st)[0].get_submodule(mlp[1])
         assert not isinstance(down, CompactLinear) and down.in_features < dense.get_submodule(f"{models.layer_prefix(dense, 0)}.{mlp[1]}").in_features
     assert torch.allclose(logits(st, ids), masked, atol=1e-4)
-    manifest = {"storage": "shrunk", "modules": specs, "pattern": "structured:0.3"}
-    checkpoint.save(st, None, tmp_path / "st", manifest)
+    manifest = Manifest(storage="shrunk", modules=specs, pattern="structured:0.3")
+    save(st, None, tmp_path / "st", manifest)
     reloaded, _ = load(str(tmp_path / "st"))
     assert torch.allclose(logits(reloaded, ids), masked, atol=1e-4)
-    rows = inspect_model(reloaded, checkpoint.read_manifest(tmp_path / "st"))["rows"]
+    rows = inspect_model(reloaded, Manifest.read(tmp_path / "st"))["rows"]
     assert rows and all(r["density"] < 1 for r in rows)
     if not mlp:  # the gather fallback is visible in inspect
         assert any(r["storage"] == "shrunk (gather)" for r in rows)
@@ -71,7 +73,7 @@ def test_family_plain_mlp_only_shrink(tmp_path, kind):
     subs = models.linears(models.decoder_layers(model)[0])
     mlp = models.mlp(subs)
     consumer = mlp[1] if mlp else next(n for n in subs if n.endswith("down_proj"))
-    compress_model(model, random_ids(4, 32), method="thanos", pattern="structured:0.3", alpha=0.0, targets=[consumer])
+    compress_model(model, random_ids(4, 32), Pruning("thanos", "structured:0.3", {"alpha": 0.0}, targets=[consumer]))
     ids = random_ids(2, 24, seed=7)
     masked = logits(model, ids)
     specs = shrink_model(model, alpha=0.0)
@@ -81,7 +83,7 @@ def test_family_plain_mlp_only_shrink(tmp_path, kind):
         return
     (field, (old, new)), = plain.items()
     assert new < old and new % 8 == 0
-    checkpoint.save(model, None, tmp_path / "plain", {"storage": "shrunk", "modules": specs, "plain": plain})
+    save(model, None, tmp_path / "plain", Manifest(storage="shrunk", modules=specs, plain=plain))
     from transformers import AutoModelForCausalLM
 
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
@@ -93,7 +95,7 @@ def test_family_plain_mlp_only_shrink(tmp_path, kind):
 def test_mixture_of_experts_is_rejected_with_one_line(kind):
     model = tiny_model(kind)
     with pytest.raises(UserError, match="mixture-of-experts weights"):
-        compress_model(model, random_ids(2, 16), method="wanda", pattern="2:4")
+        compress_model(model, random_ids(2, 16), Pruning("wanda", "2:4"))
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -104,7 +106,7 @@ def test_family_onnx_export_with_kv_cache(tmp_path, kind):
     from thanos_deploy.exporters.onnx import export_onnx
 
     model = tiny_model(kind)
-    compress_model(model, random_ids(4, 32), method="thanos", pattern="structured:0.3", alpha=0.0)
+    compress_model(model, random_ids(4, 32), Pruning("thanos", "structured:0.3", {"alpha": 0.0}))
     shrink_model(model, alpha=0.0)
     reasons = []
     for exporter in ("legacy", "dynamo"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from thanos_deploy import compress_model, loading
+from thanos_deploy.request import Pruning
 
 from .conftest import random_ids, tiny_model
 
@@ -49,5 +50,5 @@ def test_qwen2_gguf_loads_converts_and_prunes(tmp_path, monkeypatch):
     ids = torch.tensor([tokenizer("It is a truth universally acknowledged")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, original(ids).logits)  # float32 tensors: an exact round trip
-    report = compress_model(model, random_ids(2, 32, vocab=49152), method="thanos", pattern="2:4")
+    report = compress_model(model, random_ids(2, 32, vocab=49152), Pruning("thanos", "2:4"))
     assert report["sparsity"] == pytest.approx(0.5)

@@ -1,30 +1,44 @@
-"""The layout stays readable: no import circles, every import at the top of its file (except the
-optional heavy backends), the CLI free of library decisions, every study runnable with --help."""
+"""The layout stays readable: a file's path is its import path, imports point one way between the
+folders (errors/patterns/models → methods → pipeline → oneshot → commands; exporters and runtime
+below the commands), no import circles, every import at the top of its file (except the optional
+heavy backends), one gateway to torch.distributed, the CLI free of library decisions, the entry
+points narrow, every study runnable with --help."""
 
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
 
+from thanos_deploy import compress_model, oneshot, recover, prepare
+
 ROOT = Path(__file__).resolve().parents[1]
-# source folder -> the package it installs as (pyproject.toml's package-dir)
-PACKAGES = {"thanos_deploy": "thanos_deploy", "exporters": "thanos_deploy.exporters", "runtime": "thanos_deploy.runtime",
-            "bench": "thanos_deploy.bench"}
+PACKAGE = ROOT / "thanos_deploy"
 LAZY = {"onnxruntime", "tensorrt", "datasets"}  # optional extras, imported where they are needed
+
+# The folders and top-level modules of the package, lowest first: a unit may import its own layer
+# or a lower one, never a higher one, and two units never import each other.
+LAYERS = [
+    {"errors"},
+    {"patterns", "models", "targets", "hub", "austen", "data", "progress", "plots"},
+    {"methods", "compact", "width"},
+    {"artifact", "staging", "loading", "request", "inspection", "measure", "evaluate"},
+    {"pipeline"},
+    {"oneshot"},
+    {"runtime"},
+    {"exporters"},
+    {"recover", "compare", "bench", "console", "cli", "__main__", "__init__"},
+]
 
 
 def modules() -> dict[str, Path]:
-    """Module name -> file, for every module the wheel ships."""
+    """Module name -> file, for every module the wheel ships (its path under the repository is its import path)."""
     found = {}
-    for folder, package in PACKAGES.items():
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            parts = path.relative_to(ROOT / folder).with_suffix("").parts
-            if parts[0] == "studies":
-                continue
-            name = ".".join([package, *parts[:-1]] + ([] if parts[-1] == "__init__" else [parts[-1]]))
-            found[name] = path
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
@@ -57,6 +71,17 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
     return edges
 
 
+def graph() -> dict[str, set[str]]:
+    found = modules()
+    return {name: imports(name, path, set(found)) for name, path in found.items()}
+
+
+def unit(module: str) -> str:
+    """The folder or top-level module a module belongs to ('thanos_deploy' itself is '__init__')."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
 def cycles(graph: dict[str, set[str]]) -> list[str]:
     """Every back edge of a depth-first walk, as the circle it closes."""
     state: dict[str, int] = {}
@@ -77,16 +102,51 @@ def cycles(graph: dict[str, set[str]]) -> list[str]:
     return found
 
 
-def test_the_circle_finder_finds_circles():
+def wrong_directions(graph: dict[str, set[str]], layers: list[set[str]]) -> list[str]:
+    """Imports from a unit to a higher layer, and pairs of units that import each other."""
+    rank = {u: i for i, layer in enumerate(layers) for u in layer}
+    arrows = {(unit(a), unit(b)) for a, targets in graph.items() for b in targets if unit(a) != unit(b)}
+    upward = [f"{a} → {b} (layer {rank[a]} imports layer {rank[b]})" for a, b in sorted(arrows) if rank[a] < rank[b]]
+    both = [f"{a} ↔ {b}" for a, b in sorted(arrows) if (b, a) in arrows and a < b]
+    return upward + both
+
+
+def test_the_checks_find_circles_and_reverse_arrows():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a → b → c → a"]
     assert cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+    layers = [{"low"}, {"mid", "side"}, {"top"}]
+    fine = {"p.top.x": {"p.mid.y"}, "p.mid.y": {"p.low"}, "p.side": {"p.mid.y"}}
+    assert wrong_directions(fine, layers) == []
+    assert wrong_directions({**fine, "p.low": {"p.top.x"}}, layers) == ["low → top (layer 0 imports layer 2)"]
+    assert wrong_directions({**fine, "p.mid.y": {"p.side"}}, layers) == ["mid ↔ side"]
+
+
+def test_every_unit_has_a_layer():
+    units = {unit(m) for m in modules()}
+    placed = set().union(*LAYERS)
+    assert units - placed == set(), f"place these in LAYERS: {sorted(units - placed)}"
+    assert placed - units == set(), f"no such folder or module: {sorted(placed - units)}"
 
 
 def test_no_import_circles():
-    found = modules()
-    graph = {name: imports(name, path, set(found)) for name, path in found.items()}
-    assert len(graph) > 40 and graph["thanos_deploy.cli"], "the scan missed the package"
-    assert not cycles(graph), "import circles:\n" + "\n".join(cycles(graph))
+    g = graph()
+    assert len(g) > 60 and g["thanos_deploy.cli"], "the scan missed the package"
+    assert not cycles(g), "import circles:\n" + "\n".join(cycles(g))
+
+
+def test_imports_point_one_way_between_folders():
+    assert not wrong_directions(graph(), LAYERS), "\n".join(wrong_directions(graph(), LAYERS))
+
+
+def test_torch_distributed_has_one_gateway():
+    """Every exchange between processes goes through pipeline/distributed.py (World)."""
+    users = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.startswith(("torch.distributed", "torch.nn.parallel")) for n in names):
+                users.append(name)
+    assert set(users) == {"thanos_deploy.pipeline.distributed"}, users
 
 
 def test_imports_are_at_the_top_except_optional_backends():
@@ -103,13 +163,22 @@ def test_imports_are_at_the_top_except_optional_backends():
 
 
 def test_the_cli_only_parses_calls_and_renders():
-    """The commands hold no library decisions: they never touch models, checkpoints, methods or
+    """The commands hold no library decisions: they never touch models, artifacts, methods' code or
     patterns directly, and never print with anything but the shared console."""
-    tree = ast.parse((ROOT / "thanos_deploy" / "cli.py").read_text())
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
-    assert not imported & {"models", "checkpoint", "methods", "patterns", "pipeline.sequential", "pipeline.resume", "compact.shrink",
-                           "compact.pack", "data", "targets"}, imported
-    assert "Table(" not in (ROOT / "thanos_deploy" / "cli.py").read_text()
+    assert not imported & {"models", "artifact", "staging", "patterns", "pipeline.sequential", "pipeline.resume", "compact.shrink",
+                           "compact.pack", "data", "targets", "width"}, imported
+    assert "Table(" not in (PACKAGE / "cli.py").read_text()
+
+
+def test_the_entry_points_take_a_checked_request():
+    """oneshot, compress_model and recover take the request objects, not loose options."""
+    for fn in (oneshot, compress_model, recover):
+        assert len(inspect.signature(fn).parameters) <= 8, fn.__name__
+    assert "pruning" in inspect.signature(compress_model).parameters
+    assert list(inspect.signature(oneshot).parameters)[0] == "request" and list(inspect.signature(recover).parameters)[0] == "request"
+    assert prepare.__module__ == "thanos_deploy.request"
 
 
 RUN_HELP = """

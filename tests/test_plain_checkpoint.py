@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 
-from thanos_deploy import checkpoint, compress_model, data, loading
-from thanos_deploy.compact.shrink import shrink_model
+from thanos_deploy import compress_model, data, loading
+from thanos_deploy.artifact import Manifest, save
 from thanos_deploy.compact.plain import plain_config
+from thanos_deploy.compact.shrink import shrink_model
+from thanos_deploy.request import Pruning
 
 from .conftest import random_ids, run_cli, tiny_model
 
@@ -29,7 +31,7 @@ def test_mlp_only_shrunk_smollm2_loads_in_stock_transformers(tmp_path):
     model, tokenizer = loading.load(loading.SMOLLM2_ALIAS)
     calib = data.calibration_tokens("austen", tokenizer, nsamples=2, seqlen=128, seed=0)
     ids = data.windows(data.evaluation_tokens("austen", tokenizer), 128, 1)
-    compress_model(model, calib, method="thanos", pattern="structured:0.3", alpha=0.0, targets=["down_proj"])
+    compress_model(model, calib, Pruning("thanos", "structured:0.3", {"alpha": 0.0}, targets=["down_proj"]))
     with torch.no_grad():
         masked = model(ids).logits
         masked64 = copy.deepcopy(model).double()(ids).logits
@@ -37,7 +39,7 @@ def test_mlp_only_shrunk_smollm2_loads_in_stock_transformers(tmp_path):
     plain = plain_config(model, specs)
     assert plain == {"intermediate_size": [1536, 1080]}  # ⌈0.3·1536⌉ = 461 channels dropped, 1075 kept, rounded to 1080
     folder = tmp_path / "plain"
-    checkpoint.save(model, tokenizer, folder, {"storage": "shrunk", "modules": specs, "plain": plain})
+    save(model, tokenizer, folder, Manifest(storage="shrunk", modules=specs, plain=plain))
     torch.save(ids, tmp_path / "ids.pt")
     subprocess.run([sys.executable, "-c", STOCK_LOAD, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")], check=True)
     stock = torch.load(tmp_path / "logits.pt")
@@ -64,6 +66,6 @@ def test_cli_mlp_only_shrink_writes_a_plain_checkpoint(tmp_path, tiny_folder):
 
 def test_different_widths_per_layer_are_not_plain():
     model = tiny_model()
-    compress_model(model, random_ids(4, 32), method="thanos", pattern="structured:0.3", alpha=0.0, targets=["model.layers.0.mlp.down_proj"])
+    compress_model(model, random_ids(4, 32), Pruning("thanos", "structured:0.3", {"alpha": 0.0}, targets=["model.layers.0.mlp.down_proj"]))
     specs = shrink_model(model, alpha=0.0)
     assert plain_config(model, specs) is None and model.config.intermediate_size == 128

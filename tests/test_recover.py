@@ -19,12 +19,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from thanos_deploy import data, loading, models, oneshot
-from thanos_deploy.checkpoint import read_manifest
-from thanos_deploy.recover import Settings, distillation_loss, learning_rate, parse_duration, recover
+from thanos_deploy.artifact import Manifest
+from thanos_deploy.progress import Reporter
+from thanos_deploy.recover import distillation_loss, learning_rate, recover
+from thanos_deploy.request import Evaluation, Memory, Output, RecoverRequest, Teacher, Training, parse_duration, prepare
 
 from .conftest import run_cli, start_cli, tiny_model
 
-TINY_RUN = dict(batch_size=2, seqlen=32, eval_windows=1, eval_seqlen=32, lr=1e-4)
+TINY_TRAINING = dict(batch_size=2, seqlen=32, lr=1e-4)
+TINY_EVALUATION = Evaluation(windows=1, seqlen=32)
 TINY_FLAGS = ["--batch-size", "2", "--seqlen", "32", "--eval-windows", "1", "--eval-seqlen", "32", "--lr", "1e-4"]
 
 
@@ -51,9 +54,19 @@ def students(tmp_path_factory, teacher_folder):
         ("shrunk", "wanda", "structured:0.25", "shrunk", {}),
         ("plain", "thanos", "width:mlp=0.25,heads=0.5", "plain", {}),
     ):
-        oneshot(str(teacher_folder), root / name, method=method, pattern=pattern, options=options, storage=storage, nsamples=4, seqlen=32)
+        oneshot(prepare(str(teacher_folder), out=root / name, method=method, pattern=pattern, **options, storage=storage, nsamples=4, seqlen=32))
         made[name] = root / name
     return made
+
+
+class Recorder(Reporter):
+    """What recover reports while it trains."""
+
+    def __init__(self):
+        self.records = []
+
+    def record(self, kind: str, values: dict) -> None:
+        self.records.append((kind, values))
 
 
 def decoder_weights(model) -> dict[str, torch.Tensor]:
@@ -79,11 +92,11 @@ def test_distillation_loss_is_the_temperature_scaled_kl_plus_weighted_cross_entr
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    s = Settings(tokens=100 * 4 * 256, lr=1e-4, warmup=0.05)
+    s = Training(tokens=100 * 4 * 256, lr=1e-4, warmup=0.05)
     rates = [learning_rate(step, s) for step in range(100)]
     assert rates[0] == pytest.approx(1e-4 / 5) and rates[4] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] == pytest.approx(1e-5, rel=0.01)
-    assert learning_rate(10_000, Settings(max_seconds=60, lr=1e-4)) == 1e-4  # a time budget alone: constant after warm-up
+    assert learning_rate(10_000, Training(max_time="60", lr=1e-4)) == 1e-4  # a time budget alone: constant after warm-up
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("1.5h", 5400), ("45", 45)])
@@ -102,9 +115,10 @@ def kl_to(teacher, student, ids) -> float:
 def test_recovery_keeps_every_pruned_weight_pruned_and_2_4_strict(tmp_path, students, teacher_folder):
     (student, tokenizer), teacher = loading.load(str(students["masked"])), loading.load(str(teacher_folder))[0]
     before, held_out = decoder_weights(student), data.windows(data.evaluation_tokens("austen", tokenizer), 32, 4)  # text never trained on
-    steps = []
-    result = recover(str(students["masked"]), tmp_path / "out", teacher=str(teacher_folder), settings=Settings(tokens=6 * 64, **{**TINY_RUN, "lr": 3e-3}),
-                     on_step=steps.append)
+    recorder = Recorder()
+    result = recover(RecoverRequest(str(students["masked"]), Output(tmp_path / "out"), Teacher(str(teacher_folder)),
+                                    Training(tokens=6 * 64, **{**TINY_TRAINING, "lr": 3e-3}), TINY_EVALUATION), recorder)
+    steps = [values for kind, values in recorder.records if kind == "recover.step"]
     after = decoder_weights(loading.load(str(tmp_path / "out"))[0])
     for name, w in before.items():
         a = after[name]
@@ -114,9 +128,9 @@ def test_recovery_keeps_every_pruned_weight_pruned_and_2_4_strict(tmp_path, stud
         assert torch.all((a[rows].reshape(-1, 4) == 0).sum(1) >= 2), name  # strict 2:4 in the pattern rows
         assert torch.all(a[~rows] != 0), name  # outlier rows (alpha) stay dense
     assert len(steps) == 6 and kl_to(teacher, loading.load(str(tmp_path / "out"))[0], held_out) < 0.98 * kl_to(teacher, student, held_out)
-    manifest = read_manifest(tmp_path / "out")
-    rec = manifest["recovery"]
-    assert manifest["storage"] == "masked" and rec["teacher"] == str(teacher_folder) and rec["steps"] == 6 and rec["tokens_trained"] == 384
+    manifest = Manifest.read(tmp_path / "out")
+    rec = manifest.recovery
+    assert manifest.storage == "masked" and rec["teacher"] == str(teacher_folder) and rec["steps"] == 6 and rec["tokens_trained"] == 384
     assert rec["seed"] == 0 and rec["final_kl"] == pytest.approx(steps[-1]["kl"])
     log = json.loads((tmp_path / "out" / "recovery.json").read_text())["log"]
     assert [e["step"] for e in log] == [0, 1, 2, 3, 4, 5, 6] and all(e["perplexity"] > 1 for e in log)
@@ -127,12 +141,13 @@ def test_recovery_keeps_every_pruned_weight_pruned_and_2_4_strict(tmp_path, stud
 @pytest.mark.parametrize("storage", ["packed", "shrunk", "plain"])
 def test_recovery_writes_the_students_storage_with_its_shapes(tmp_path, students, teacher_folder, storage):
     student = students[storage]
-    recover(str(student), tmp_path / "out", settings=Settings(tokens=2 * 64, **TINY_RUN))  # teacher: the manifest's source
-    old, new = read_manifest(student), read_manifest(tmp_path / "out")
-    assert new["storage"] == old["storage"] == storage and new.get("modules") == old.get("modules") and new.get("plain") == old.get("plain")
+    recover(RecoverRequest(str(student), Output(tmp_path / "out"), training=Training(tokens=2 * 64, **TINY_TRAINING),
+                           evaluation=TINY_EVALUATION))  # teacher: the manifest's source
+    old, new = Manifest.read(student), Manifest.read(tmp_path / "out")
+    assert new.storage == old.storage == storage and new.modules == old.modules and new.plain == old.plain
     a, b = loading.load(str(student))[0], loading.load(str(tmp_path / "out"))[0]
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
-    assert shapes(a) == shapes(b) and new["recovery"]["teacher"] == str(teacher_folder)
+    assert shapes(a) == shapes(b) and new.recovery["teacher"] == str(teacher_folder)
     assert any(not torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items() if v.is_floating_point())
     stored = load_file(tmp_path / "out" / "model.safetensors")
     if storage == "packed":
@@ -208,7 +223,7 @@ def test_resume_after_sigkill_writes_the_same_bytes(tmp_path, students):
 def test_a_time_budget_trains_at_least_one_step_and_writes(tmp_path, students):
     r = run_cli("recover", str(students["shrunk"]), "--max-time", "0.001s", *TINY_FLAGS, "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
-    recovery = read_manifest(tmp_path / "out")["recovery"]
+    recovery = Manifest.read(tmp_path / "out").recovery
     assert recovery["steps"] == 1 and recovery["max_seconds"] == 0.001 and recovery["tokens"] is None
 
 
@@ -224,17 +239,17 @@ def test_two_gloo_processes_match_one_on_the_same_global_batch(tmp_path, student
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    assert read_manifest(tmp_path / "two")["recovery"]["world"] == 2
+    assert Manifest.read(tmp_path / "two").recovery["world"] == 2
     assert math.isclose(json.loads((tmp_path / "two" / "recovery.json").read_text())["log"][-1]["perplexity"],
                         json.loads((tmp_path / "one" / "recovery.json").read_text())["log"][-1]["perplexity"], rel_tol=1e-3)
 
 
 def test_memory_options_train_the_same_model(tmp_path, students, teacher_folder):
     """Gradient checkpointing recomputes the same activations; a bf16 teacher only rounds its logits."""
-    settings = Settings(tokens=2 * 64, **TINY_RUN)
-    runs = {"plain": {}, "checkpointed": {"gradient_checkpointing": True}, "bf16-teacher": {"teacher_dtype": "bfloat16"}}
+    training = Training(tokens=2 * 64, **TINY_TRAINING)
+    runs = {"plain": {}, "checkpointed": {"memory": Memory(gradient_checkpointing=True)}, "bf16-teacher": {"teacher": Teacher(dtype="bfloat16")}}
     for name, options in runs.items():
-        recover(str(students["masked"]), tmp_path / name, settings=settings, **options)
+        recover(RecoverRequest(str(students["masked"]), Output(tmp_path / name), training=training, evaluation=TINY_EVALUATION, **options))
     plain, checkpointed, half = (load_file(tmp_path / name / "model.safetensors") for name in runs)
     for k in plain:
         assert torch.allclose(plain[k], checkpointed[k], atol=1e-6), k

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from thanos_deploy.pipeline import activations, offload
+from thanos_deploy.request import Pruning
 
 from .conftest import random_ids, run_cli, start_cli, tiny_model
 
@@ -186,7 +187,7 @@ def test_the_sharded_output_is_the_model_pruned_in_memory(job):
 
     args, reference = job
     expected = AutoModelForCausalLM.from_pretrained(args[1])
-    compress_model(expected, load_file(args[args.index("--calib-tokens") + 1])["input_ids"], method="thanos", pattern="2:4")
+    compress_model(expected, load_file(args[args.index("--calib-tokens") + 1])["input_ids"], Pruning("thanos", "2:4"))
     loaded, _ = load(str(reference))
     assert json.loads((reference / "model.safetensors.index.json").read_text())["weight_map"]
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()

@@ -7,13 +7,15 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from thanos_deploy import checkpoint, compress_model, data, load, loading, models
+from thanos_deploy import compress_model, data, load, loading, models
+from thanos_deploy.artifact import Manifest, save
 from thanos_deploy.compact.linear import CompactLinear
 from thanos_deploy.compact.pack import pack_model
 from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.evaluate import perplexity
 from thanos_deploy.exporters.onnx import write_artifact
 from thanos_deploy.patterns import parse_pattern
+from thanos_deploy.request import Pruning
 from thanos_deploy.runtime import open_backend
 
 pytestmark = pytest.mark.slow
@@ -35,9 +37,9 @@ def setup():
 def wanda_2of4(setup, tmp_path_factory):
     model, tokenizer, ids, windows, dense = setup
     pruned = copy.deepcopy(model)
-    report = compress_model(pruned, ids, method="wanda", pattern="2:4")
+    report = compress_model(pruned, ids, Pruning("wanda", "2:4"))
     folder = tmp_path_factory.mktemp("smollm2") / "wanda"
-    checkpoint.save(pruned, tokenizer, folder, {"method": "wanda", "layers": report["layers"]})
+    save(pruned, tokenizer, folder, Manifest(method="wanda", layers=report["layers"]))
     return pruned, folder, perplexity(pruned, windows)["perplexity"]
 
 
@@ -68,7 +70,7 @@ def test_wanda_perplexity_is_sane_and_beats_magnitude(setup, wanda_2of4):
     _, _, wanda = wanda_2of4
     assert dense < wanda < 8 * dense, (dense, wanda)
     magnitude_model = copy.deepcopy(model)
-    compress_model(magnitude_model, ids, method="magnitude", pattern="2:4")
+    compress_model(magnitude_model, ids, Pruning("magnitude", "2:4"))
     magnitude = perplexity(magnitude_model, windows)["perplexity"]
     assert magnitude > wanda, (magnitude, wanda)
 
@@ -82,7 +84,7 @@ def thanos_structured(setup):
     def get(alpha):
         if alpha not in pruned:
             pruned[alpha] = copy.deepcopy(model)
-            compress_model(pruned[alpha], ids[:8], method="thanos", pattern="structured:0.3", alpha=alpha)
+            compress_model(pruned[alpha], ids[:8], Pruning("thanos", "structured:0.3", {"alpha": alpha}))
         return pruned[alpha]
 
     return get
@@ -96,7 +98,7 @@ def test_shrunk_model_matches_masked_model(setup, thanos_structured, alpha, tmp_
     with torch.no_grad():
         masked = pruned(windows[:1, :256]).logits
     specs = shrink_model(pruned, alpha=alpha)
-    checkpoint.save(pruned, tokenizer, tmp_path / "s", {"storage": "shrunk", "modules": specs, "pattern": "structured:0.3"})
+    save(pruned, tokenizer, tmp_path / "s", Manifest(storage="shrunk", modules=specs, pattern="structured:0.3"))
     reloaded, _ = load(str(tmp_path / "s"))
     x = windows[:1, :256]
     with torch.no_grad():
@@ -134,7 +136,8 @@ def test_packed_2of4_checkpoint_size(wanda_2of4, tmp_path):
     pruned, _, _ = wanda_2of4
     half = copy.deepcopy(pruned).to(torch.float16)
     specs = pack_model(half, parse_pattern("2:4"))
-    out = checkpoint.save(half, None, tmp_path / "p", {"storage": "packed", "modules": specs, "pattern": "2:4"})
+    out = tmp_path / "p"
+    save(half, None, out, Manifest(storage="packed", modules=specs, pattern="2:4"))
     packed_bytes = dense_fp16 = 0
     with safe_open(out / "model.safetensors", "pt") as f:
         for name, spec in specs.items():

@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from thanos_deploy import compress_model
 from thanos_deploy.compact.linear import CompactLinear
 from thanos_deploy.compact.shrink import shrink_model
+from thanos_deploy.request import Pruning
 from thanos_deploy.runtime import open_backend
 from thanos_deploy.runtime.threaded import MAX_ROWS, MIN_WEIGHT, ThreadedLinear, threaded_linear, use_every_thread
 
@@ -59,7 +60,7 @@ def test_other_products_are_exactly_f_linear(set_threads, case):
 def test_every_linear_of_a_shrunk_model_uses_the_threads_and_its_logits_hold(set_threads):
     set_threads(2)
     model = tiny_model("llama", hidden_size=256, intermediate_size=512)  # products above MIN_WEIGHT
-    compress_model(model, random_ids(4, 32), method="thanos", pattern="structured:0.3", alpha=0.1)
+    compress_model(model, random_ids(4, 32), Pruning("thanos", "structured:0.3", {"alpha": 0.1}))
     shrink_model(model, alpha=0.1)
     ids = random_ids(3, 1, seed=5)  # a decode step: one token per sequence
     before = model(ids).logits

@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from thanos_deploy import compress_model, models, oneshot
 from thanos_deploy.errors import UserError
 from thanos_deploy.methods import get_method
+from thanos_deploy.methods.stats import Stats
 from thanos_deploy.patterns import Columns, parse_pattern
-from thanos_deploy.pipeline.stats import Stats
+from thanos_deploy.request import Pruning, prepare
 from thanos_deploy.width import plan
 
 from .conftest import random_ids, run_cli, tiny_model
@@ -65,7 +66,7 @@ def test_activation_importance_removes_the_quietest_neurons_and_updates_nothing(
     hook.remove()
     quietest = torch.cat(seen).double().pow(2).sum(0).argsort()[: down.in_features // 4]
     pruned = tiny_model("llama")
-    compress_model(pruned, ids, method="activation", pattern="width:mlp=0.25")
+    compress_model(pruned, ids, Pruning("activation", "width:mlp=0.25"))
     weight = models.decoder_layers(pruned)[0].mlp.down_proj.weight
     removed = (weight == 0).all(0).nonzero().flatten()
     assert sorted(removed.tolist()) == sorted(quietest.tolist())
@@ -133,9 +134,9 @@ def test_plain_checkpoint_loads_in_stock_transformers_with_the_masked_models_log
     tiny_model(kind).save_pretrained(tmp_path / "dense")
     save_file({"input_ids": random_ids(4, 32)}, tmp_path / "ids.safetensors")
     pattern = "width:mlp=0.25" if kind == "opt" else PATTERN
-    result = oneshot(str(tmp_path / "dense"), tmp_path / "plain", method="thanos", pattern=pattern, calib_tokens=tmp_path / "ids.safetensors")
+    result = oneshot(prepare(str(tmp_path / "dense"), out=tmp_path / "plain", method="thanos", pattern=pattern, calib_tokens=tmp_path / "ids.safetensors"))
     masked = tiny_model(kind)
-    compress_model(masked, random_ids(4, 32), method="thanos", pattern=pattern)
+    compress_model(masked, random_ids(4, 32), Pruning("thanos", pattern))
     ids = random_ids(2, 16, seed=5)
     torch.save(ids, tmp_path / "ids.pt")
     r = subprocess.run([sys.executable, "-c", LOAD_STOCK, str(tmp_path / "plain"), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
@@ -158,7 +159,7 @@ def test_heads_of_a_family_that_derives_head_dim_are_refused_before_writing(tmp_
     tiny_model("opt").save_pretrained(tmp_path / "dense")
     save_file({"input_ids": random_ids(2, 32)}, tmp_path / "ids.safetensors")
     with pytest.raises(UserError, match="does not build these widths from a plain config"):
-        oneshot(str(tmp_path / "dense"), tmp_path / "plain", method="wanda", pattern=PATTERN, calib_tokens=tmp_path / "ids.safetensors")
+        oneshot(prepare(str(tmp_path / "dense"), out=tmp_path / "plain", method="wanda", pattern=PATTERN, calib_tokens=tmp_path / "ids.safetensors"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "ids.safetensors"]
 
 
@@ -186,7 +187,7 @@ def test_a_family_whose_heads_cannot_be_pruned_is_refused_naming_the_module(tmp_
     tiny_model(kind).save_pretrained(tmp_path / "dense")
     save_file({"input_ids": random_ids(2, 32)}, tmp_path / "ids.safetensors")
     with pytest.raises(UserError, match=match):
-        oneshot(str(tmp_path / "dense"), tmp_path / "plain", method="thanos", pattern=pattern, calib_tokens=tmp_path / "ids.safetensors")
+        oneshot(prepare(str(tmp_path / "dense"), out=tmp_path / "plain", method="thanos", pattern=pattern, calib_tokens=tmp_path / "ids.safetensors"))
     assert not (tmp_path / "plain").exists()
 
 
@@ -194,9 +195,9 @@ def test_a_family_whose_heads_cannot_be_pruned_is_refused_naming_the_module(tmp_
 def test_width_pruning_across_families_matches_the_masked_model(tmp_path, kind):
     tiny_model(kind).save_pretrained(tmp_path / "dense")
     save_file({"input_ids": random_ids(4, 32)}, tmp_path / "ids.safetensors")
-    result = oneshot(str(tmp_path / "dense"), tmp_path / "plain", method="thanos", pattern=PATTERN, calib_tokens=tmp_path / "ids.safetensors")
+    result = oneshot(prepare(str(tmp_path / "dense"), out=tmp_path / "plain", method="thanos", pattern=PATTERN, calib_tokens=tmp_path / "ids.safetensors"))
     masked = tiny_model(kind)
-    compress_model(masked, random_ids(4, 32), method="thanos", pattern=PATTERN)
+    compress_model(masked, random_ids(4, 32), Pruning("thanos", PATTERN))
     ids = random_ids(2, 16, seed=3)
     with torch.no_grad():
         assert (result.model(ids).logits - masked(ids).logits).abs().max() < 1e-4
@@ -210,6 +211,19 @@ def test_configs_carry_the_rope_keys_older_transformers_read(tmp_path, storage, 
     model.config.rope_parameters = {"rope_type": "default", "rope_theta": 12345.0}
     model.save_pretrained(tmp_path / "dense")
     save_file({"input_ids": random_ids(4, 32)}, tmp_path / "ids.safetensors")
-    oneshot(str(tmp_path / "dense"), tmp_path / "out", method="wanda", pattern=pattern, storage=storage, calib_tokens=tmp_path / "ids.safetensors")
+    oneshot(prepare(str(tmp_path / "dense"), out=tmp_path / "out", method="wanda", pattern=pattern, storage=storage, calib_tokens=tmp_path / "ids.safetensors"))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 12345.0
+
+
+def test_head_counts_the_family_config_refuses_are_named_before_any_work():
+    """Gemma 3 270M (hidden 640, 4 heads, 1 KV head, head_dim 256): 3 heads is a valid layout by the
+    groups, but transformers refuses a hidden size that is not a multiple of the heads. The plan,
+    which needs the config alone, says which counts it accepts."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model("gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                                               num_key_value_heads=1, head_dim=256, vocab_size=262144)
+    with pytest.raises(UserError, match=r"does not accept 3 query heads .* accepts 1, 2 or 4 query heads"):
+        plan(parse_pattern("width:mlp=0.3,heads=0.25"), config)
+    assert plan(parse_pattern("width:mlp=0.3,heads=0.5"), config).new == (1434, 2, 1)

@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 
 from .errors import UserError
-from .loading import cache_dir
+from .hub import cache_dir
 
 # First line of each book -> name used here.
 TITLES = {

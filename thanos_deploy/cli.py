@@ -1,13 +1,21 @@
 """The `thanos-deploy` command line: each command parses its options, calls the library (the same
-functions the Python API offers) and hands the result to console.py to show. No decisions here."""
+functions the Python API offers) and hands the result to console.py to show. No decisions here.
+
+The options of the request parts (request.py: Pruning, Calibration, Output, Execution, Evaluation,
+Training, Teacher) are built from their fields by `takes`: each flag, default and help text is the
+field's own, written once."""
 
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import json
 import shlex
 import sys
 import time
+import typing
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -15,13 +23,16 @@ from typing import Optional
 import click
 import transformers
 import typer
-from rich.progress import Progress
 
-from .bench.report import describe as describe_bench, tables as bench_tables
-from .bench.run import bench
-from .compare import sweep, table as compare_table
-from .console import console, step_reporter, table
 from . import console as show
+from .bench import run as bench_run
+from .bench.report import describe as describe_bench
+from .bench.report import tables as bench_tables
+from .compare import CALIBRATION as COMPARE_CALIBRATION
+from .compare import EVALUATION as COMPARE_EVALUATION
+from .compare import sweep
+from .compare import table as compare_table
+from .console import RichReporter, console, table
 from .errors import PeerLost, UserError
 from .evaluate import evaluate_model
 from .exporters.onnx import export_checkpoint
@@ -29,9 +40,13 @@ from .exporters.sparsity import check_file as onnx_weights
 from .exporters.tensorrt import build_engine_from
 from .inspection import inspect_checkpoint, inspect_model
 from .loading import SMOLLM2_ALIAS
-from .oneshot import convert, default_out, oneshot, storage_from_flags
+from .methods import METHODS, OPTION_HELP
+from .oneshot import convert, default_out, oneshot
 from .pipeline import distributed
-from .recover import DEFAULT_TOKENS, Settings, parse_duration, recover
+from .progress import SILENT
+from .recover import recover
+from .request import (RECOVER_EVALUATION, Calibration, CompressRequest, Evaluation, Execution, Memory, Output, Pruning, RecoverRequest, Teacher,
+                      Training, flag_of, keyword_of, options_of, storage_from_flags)
 from .runtime import generate
 
 try:  # Typer >= 0.2x runs on its own vendored click, whose exception classes are not click's
@@ -48,9 +63,81 @@ app = typer.Typer(
 )
 
 
-TARGETS_HELP = ("Prune only these linears (repeatable): an exact module name, a suffix such as down_proj, or re:REGEX "
-                "(llm-compressor's convention); default: every linear of every decoder layer")
-IGNORE_HELP = "Leave these linears dense (repeatable; same patterns as --targets)"
+@dataclass(frozen=True)
+class Part:
+    """A request part a command takes: `cls`'s option fields (`only` some of them), defaulting to
+    `defaults` (an instance with the command's own defaults) or, `preset`, to None: the library then
+    decides, and the command receives only what was given, as a dict."""
+
+    name: str
+    cls: type
+    defaults: object = None
+    only: tuple[str, ...] | None = None
+    preset: str = ""  # what decides unset values, for the help text
+
+    def fields(self):
+        return [f for f in options_of(self.cls) if self.only is None or f.name in self.only]
+
+    def parameters(self) -> list[inspect.Parameter]:
+        hints = typing.get_type_hints(self.cls)
+        out = []
+        for f in self.fields():
+            default = None if self.preset else getattr(self.defaults, f.name) if self.defaults is not None else f.default
+            help = f.metadata["help"] + (f" (default: {self.preset})" if self.preset else "")
+            decls = [flag_of(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+            kind = _cli_type(hints[f.name], default)
+            value = list(default) if isinstance(default, tuple) and default else None if isinstance(default, tuple) else default
+            out.append(inspect.Parameter(keyword_of(f), inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                         default=typer.Option(value, *decls, help=help)))
+        return out
+
+    def build(self, given: dict):
+        values = {f.name: given.pop(keyword_of(f)) for f in self.fields()}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        if self.preset:
+            return {k: v for k, v in values.items() if v is not None}
+        return replace(self.defaults, **values) if self.defaults is not None else self.cls(**values)
+
+
+def _cli_type(hint, default):
+    """The type Typer parses a field as: X | None and tuples of strings become Optional options."""
+    if typing.get_origin(hint) is tuple:
+        return Optional[list[str]]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = next((a for a in args if a in (str, int, float, bool, Path)), args[0]) if args else hint
+    return Optional[base] if default is None or type(None) in typing.get_args(hint) else base
+
+
+def takes(*parts: Part, extra: tuple[inspect.Parameter, ...] = ()):
+    """Give the command an option for every field of each part (and the `extra` ones); it is called
+    with the built parts as keyword arguments named after them (extras in `extra=` as a dict)."""
+    def wrap(fn):
+        own = [p for p in inspect.signature(fn).parameters.values() if p.name not in {part.name for part in parts} | {"extra"}]
+        params = own + [p for part in parts for p in part.parameters()] + list(extra)
+
+        @functools.wraps(fn)
+        def command(**given):
+            built = {part.name: part.build(given) for part in parts}
+            if extra:
+                built["extra"] = {p.name: given.pop(p.name) for p in extra}
+            return fn(**given, **built)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # Typer reads this signature, not the wrapped function's
+        return command
+    return wrap
+
+
+def _option(name: str, kind, default, help: str, flag: str | None = None) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                             default=typer.Option(default, flag or "--" + name.replace("_", "-"), help=help))
+
+
+METHOD_OPTIONS = tuple(_option(name, Optional[type(next(m.defaults[name] for m in METHODS.values() if name in m.defaults))], None, help)
+                       for name, help in OPTION_HELP.items())
+STORAGE_FLAGS = (_option("shrink", bool, False, "structured: remove the pruned columns physically"),
+                 _option("pack", bool, False, "N:M: store the pattern rows packed (values + 2-bit positions for 2:4)"))
 
 
 def _show_version(value: bool) -> None:
@@ -71,70 +158,37 @@ def _command_line() -> str:
 
 
 @app.command()
-def compress(
-    model: str = typer.Argument(SMOLLM2_ALIAS, help="HF folder, hub id, .gguf file, or smollm2-135m"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder to write the pruned checkpoint to (default: a new folder named after model, method and pattern)"),
-    method: str = typer.Option("thanos", help="thanos, sparsegpt, wanda, magnitude, or activation (Minitron's activation importance; width and structured patterns only)"),
-    pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P, structured:P, or width:mlp=F,heads=F,kv_heads=F "
-                                 "(fractions removed) / width:intermediate_size=N,num_attention_heads=N,num_key_value_heads=N (kept): a plain config"),
-    calib: str = typer.Option("austen", help="austen, c4, wikitext2, or a .txt/.jsonl file"),
-    calib_tokens: Optional[Path] = typer.Option(None, help="Exact calibration tokens [n, seqlen]: .pt, .npy or .safetensors"),
-    nsamples: int = typer.Option(128, help="Calibration windows"),
-    seqlen: int = typer.Option(2048, help="Tokens per calibration window (capped by the model's maximum)"),
-    seed: int = typer.Option(0, help="Seed of the calibration windows"),
-    alpha: Optional[float] = typer.Option(None, help="Thanos: fraction of outlier rows kept dense (N:M and structured)"),
-    block_size: Optional[int] = typer.Option(None, help="Thanos/SparseGPT: columns per block"),
-    row_batch: Optional[int] = typer.Option(None, help="Thanos: rows solved per batched call (memory knob)"),
-    percdamp: Optional[float] = typer.Option(None, help="Thanos/SparseGPT: Hessian damping, relative to mean(diag H)"),
-    device: str = typer.Option("auto", help="Where each decoder layer is pruned: auto (CUDA when present), cpu or cuda"),
-    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16"),
-    batch_tokens: int = typer.Option(8192, help="Tokens per calibration forward batch (bounds memory)"),
-    eval_windows: int = typer.Option(0, help="Also report dense and pruned perplexity on this many windows"),
-    eval_data: str = typer.Option("austen", help="Evaluation data for --eval-windows"),
-    eval_seqlen: int = typer.Option(512, help="Window length for --eval-windows"),
-    shrink: bool = typer.Option(False, help="structured: remove the pruned columns physically"),
-    pack: bool = typer.Option(False, help="N:M: store the pattern rows packed (values + 2-bit positions for 2:4)"),
-    save_dtype: str = typer.Option("auto", help="Save in this dtype: auto (as pruned), float32, float16 or bfloat16"),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
-    targets: Optional[list[str]] = typer.Option(None, "--targets", help=TARGETS_HELP),
-    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help=IGNORE_HELP),
-    resume: bool = typer.Option(False, help="Continue an unfinished run of the same command from its last finished layer"),
-    offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Read one decoder layer at a time from disk (default: when the model would not fit in memory)"),
-    activations_on_disk: Optional[bool] = typer.Option(None, "--activations-on-disk/--activations-in-memory",
-                                                       help="Keep the calibration activations between layers on disk, read one batch at a time (default: when they would not fit in memory)"),
-    nproc: int = typer.Option(1, "--nproc", help="Run as this many processes through torch's launcher (as torchrun --nproc-per-node N): "
-                              "each calibrates on its share of the windows, the linears' solves are spread over them; one GPU each on CUDA"),
-):
+@takes(Part("pruning", Pruning), Part("calibration", Calibration), Part("output", Output), Part("execution", Execution),
+       Part("evaluation", Evaluation), extra=METHOD_OPTIONS + STORAGE_FLAGS)
+def compress(model: str = typer.Argument(SMOLLM2_ALIAS, help="HF folder, hub id, .gguf file, or smollm2-135m"), *, pruning, calibration,
+             output, execution, evaluation, extra):
     """Prune MODEL layer by layer and save it as a Hugging Face folder with thanos_deploy.json."""
-    if nproc != 1:
-        raise typer.Exit(distributed.launch(nproc, sys.argv[1:]))
-    out = out if out is not None else default_out(model, method, pattern)
-    result = oneshot(
-        model, out, method=method, pattern=pattern, options={"alpha": alpha, "block_size": block_size, "row_batch": row_batch, "percdamp": percdamp},
-        storage=storage_from_flags(shrink, pack), save_dtype_name=save_dtype, calib=calib, calib_tokens=calib_tokens, nsamples=nsamples,
-        seqlen=seqlen, seed=seed, device=device, dtype=dtype, batch_tokens=batch_tokens, targets=targets, ignore=ignore,
-        eval_windows=eval_windows, eval_data=eval_data, eval_seqlen=eval_seqlen, resume_run=resume, offload=offload,
-        activations_on_disk=activations_on_disk, overwrite=overwrite, progress=True, status=console.status, say=console.print,
-    )
+    if execution.processes != 1:
+        raise typer.Exit(distributed.launch(execution.processes, sys.argv[1:]))
+    pruning = replace(pruning, options={name: extra[name] for name in OPTION_HELP})
+    output = replace(output, storage=storage_from_flags(extra["shrink"], extra["pack"]))
+    if output.out is None:
+        output = replace(output, out=default_out(model, pruning.method.name, str(pruning.pattern)))
+    request = CompressRequest(model, pruning, calibration, output, execution, evaluation)
+    with RichReporter() as reporter:
+        result = oneshot(request, reporter=reporter)
     if result.process != 0:
         return  # process 0 reports
-    show.compress_report(result.report, result.manifest, out)
-    if result.manifest["storage"] != "masked":
+    show.compress_report(result.report, result.manifest, request.output.out)
+    if result.manifest.storage != "masked":
         show.inspection(inspect_model(result.model, result.manifest), totals_only=True)
 
 
 def _converter(storage: str, what: str, doc: str):
-    def command(
-        model: str = typer.Argument(..., help=f"A masked checkpoint pruned with {what} pattern"),
-        out: Path = typer.Option(..., "--out", "-o", help=f"Folder for the {storage} checkpoint"),
-        pattern: Optional[str] = typer.Option(None, help="The pattern, when the folder has no thanos_deploy.json"),
-        save_dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16"),
-        overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
-    ):
-        result = convert(model, out, storage, pattern=pattern, save_dtype_name=save_dtype, overwrite=overwrite)
+    @takes(Part("output", Output, only=("out", "save_dtype", "overwrite")))
+    def command(model: str = typer.Argument(..., help=f"A masked checkpoint pruned with {what} pattern"),
+                pattern: Optional[str] = typer.Option(None, help="The pattern, when the folder has no thanos_deploy.json"), *, output):
+        if output.out is None:
+            raise UserError(f"{storage} writes a new folder: pass --out")
+        result = convert(model, replace(output, storage=storage), pattern)
         show.inspection(inspect_model(result.model, result.manifest), totals_only=True)
         show.plain_note(result.manifest)
-        console.print(f"saved to {out}")
+        console.print(f"saved to {output.out}")
 
     command.__doc__ = doc
     return command
@@ -151,85 +205,48 @@ METHODS_HELP = ("Runs, comma-separated: dense, or a method with options after ':
 
 
 @app.command("compare")
-def compare_cmd(
-    model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or smollm2-135m"),
-    pattern: str = typer.Option("2:4", help="N:M (e.g. 2:4), unstructured:P or structured:P"),
-    methods: str = typer.Option("dense,wanda,sparsegpt,thanos", help=METHODS_HELP),
-    calib: str = typer.Option("austen", help="austen, c4, wikitext2, or a .txt/.jsonl file"),
-    nsamples: int = typer.Option(64, help="Calibration windows"),
-    seqlen: int = typer.Option(512, help="Tokens per calibration window"),
-    seed: int = typer.Option(0, help="Seed of the calibration windows"),
-    eval_data: str = typer.Option("austen", help="Evaluation data"),
-    eval_seqlen: int = typer.Option(512, help="Tokens per evaluation window"),
-    eval_windows: int = typer.Option(64, help="Evaluation windows"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON"),
-    targets: Optional[list[str]] = typer.Option(None, "--targets", help=TARGETS_HELP),
-    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help=IGNORE_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write compare.json, compare.md and compare.png (perplexity against pruning seconds, Pareto front) to this folder"),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
-):
+@takes(Part("pruning", Pruning, only=("pattern", "targets", "ignore")), Part("calibration", Calibration, COMPARE_CALIBRATION),
+       Part("evaluation", Evaluation, COMPARE_EVALUATION), Part("execution", Execution, only=("device",)),
+       Part("output", Output, only=("out", "overwrite")))
+def compare_cmd(model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or smollm2-135m"),
+                methods: str = typer.Option("dense,wanda,sparsegpt,thanos", help=METHODS_HELP),
+                as_json: bool = typer.Option(False, "--json", help="Print the results as JSON"), *, pruning, calibration, evaluation,
+                execution, output):
     """Prune MODEL with several methods (or a grid of options) on the same data and print their perplexity side by side."""
-    rows = sweep(
-        model, methods, pattern, out=out, overwrite=overwrite, command=_command_line(), calib=calib, nsamples=nsamples, seqlen=seqlen,
-        seed=seed, eval_data=eval_data, eval_seqlen=eval_seqlen, eval_windows=eval_windows, device=device, targets=targets, ignore=ignore,
-        progress=not as_json,
-        on_run=None if as_json else lambda i, n, run: console.print(f"run {i} of {n}: {run.label}", style="dim", highlight=False),
-    )
+    with SILENT if as_json else RichReporter() as reporter:
+        rows = sweep(model, methods, pruning.pattern, out=output.out, overwrite=output.overwrite, command=_command_line(),
+                     calibration=calibration, evaluation=evaluation, execution=execution, targets=pruning.targets, ignore=pruning.ignore,
+                     reporter=reporter)
     if as_json:
         print(json.dumps(rows))
         return
-    console.print(table(f"{model} · {pattern} · calibration {nsamples}×{seqlen} {calib}", *compare_table(rows)))
-    if out is not None:
-        console.print(f"wrote compare.json, compare.md and compare.png to {out}")
+    console.print(table(f"{model} · {pruning.pattern} · calibration {calibration.nsamples}×{calibration.seqlen} {calibration.source}",
+                        *compare_table(rows)))
+    if output.out is not None:
+        console.print(f"wrote compare.json, compare.md and compare.png to {output.out}")
 
 
 @app.command("recover")
-def recover_cmd(
-    pruned: str = typer.Argument(..., help="A pruned artifact written by compress: masked, packed, shrunk or width-pruned plain"),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the recovered model, in PRUNED's storage, with recovery.json and recovery.png"),
-    teacher: Optional[str] = typer.Option(None, help="The dense model to distil from (default: the model PRUNED was pruned from, per its manifest)"),
-    data_source: str = typer.Option("austen", "--data", help="Training text, the calibration split: austen, wikitext2, c4, or a .txt/.jsonl file"),
-    tokens: Optional[int] = typer.Option(None, help=f"Tokens to train on (default {DEFAULT_TOKENS:,} unless --max-time is given)"),
-    max_time: Optional[str] = typer.Option(None, help="Time budget such as 20m or 1.5h; with --tokens, whichever ends first"),
-    batch_size: int = typer.Option(4, help="Windows per step (split over torchrun's processes)"),
-    seqlen: int = typer.Option(256, help="Tokens per training window"),
-    lr: float = typer.Option(1e-4, help="AdamW peak learning rate (warm-up, then cosine to a tenth)"),
-    warmup: float = typer.Option(0.05, help="Fraction of the steps spent warming up"),
-    temperature: float = typer.Option(1.0, help="Distillation temperature T (loss T²·KL)"),
-    ce_weight: float = typer.Option(0.0, help="Weight of the next-token cross-entropy added to the KL"),
-    seed: int = typer.Option(0, help="Seed of the training windows"),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate (and checkpoint) every this many tokens (default: an eighth of the budget)"),
-    eval_windows: int = typer.Option(8, help="Evaluation windows"),
-    eval_seqlen: int = typer.Option(512, help="Tokens per evaluation window"),
-    eval_data: str = typer.Option("austen", help="Evaluation data (austen: Emma and Persuasion, never trained on)"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda (bf16 autocast)"),
-    teacher_dtype: str = typer.Option("auto", help="Teacher precision: auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16"),
-    teacher_device: Optional[str] = typer.Option(None, help="Keep the teacher on another device, e.g. cpu to offload it from the GPU"),
-    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass: less memory, about a third more time"),
-    resume: bool = typer.Option(False, help="Continue an unfinished run of the same command from its last checkpoint"),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
-):
+@takes(Part("output", Output, only=("out", "overwrite", "resume")), Part("teacher", Teacher), Part("training", Training),
+       Part("evaluation", Evaluation, RECOVER_EVALUATION), Part("execution", Execution, only=("device",)), Part("memory", Memory))
+def recover_cmd(pruned: str = typer.Argument(..., help="A pruned artifact written by compress: masked, packed, shrunk or width-pruned plain"),
+                *, output, teacher, training, evaluation, execution, memory):
     """Win back quality: distil the dense model into a pruned one, every pruned weight kept pruned."""
-    settings = Settings(data=data_source, tokens=tokens, max_seconds=parse_duration(max_time), batch_size=batch_size, seqlen=seqlen, lr=lr,
-                        warmup=warmup, temperature=temperature, ce_weight=ce_weight, seed=seed, eval_every=eval_every,
-                        eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_data=eval_data)
-    with show.recovery_progress() as (on_step, on_eval):
-        result = recover(pruned, out, teacher=teacher, settings=settings, device=device, teacher_dtype=teacher_dtype, teacher_device=teacher_device,
-                         gradient_checkpointing=gradient_checkpointing, resume_run=resume, overwrite=overwrite, on_step=on_step, on_eval=on_eval,
-                         warn=show.warning, status=console.status)
+    request = RecoverRequest(pruned, output, teacher, training, evaluation, execution.device, memory)
+    with RichReporter() as reporter:
+        result = recover(request, reporter)
     if result["matmul_rate"]:  # process 0 (the others of a torchrun job have nothing to report)
-        show.recovery_report(result, out)
+        show.recovery_report(result, output.out)
 
 
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, smollm2-135m, or a pruned checkpoint"),
-    data_source: str = typer.Option("austen", "--data", help="austen, wikitext2, c4, or a .txt/.jsonl file"),
-    seqlen: int = typer.Option(512, help="Tokens per window"),
+    data_source: str = typer.Option(Evaluation.data, "--data", help="austen, wikitext2, c4, or a .txt/.jsonl file"),
+    seqlen: int = typer.Option(Evaluation.seqlen, help="Tokens per window"),
     max_windows: int = typer.Option(0, help="Evaluate at most this many windows (0: all)"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
-    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16"),
+    device: str = typer.Option(Execution.device, help="auto (CUDA when present), cpu or cuda"),
+    dtype: str = typer.Option(Execution.dtype, help="auto, float32, float16 or bfloat16"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ):
     """Perplexity over non-overlapping windows: exp(mean next-token cross-entropy)."""
@@ -240,40 +257,34 @@ def eval_cmd(
         console.print(f"{model}: perplexity {result['perplexity']:.3f} on {data_source} ({result['windows']} windows × {result['seqlen']} tokens)")
 
 
+QUICK, FULL = "16×256 with --quick, else 64×512 tokens", "8×256 with --quick, else 32×512 tokens"
+
+
 @app.command("bench")
+@takes(Part("execution", Execution, Execution(device="cpu"), only=("device", "dtype")),
+       Part("calibration", Calibration, preset=f"--plan's calibration: {QUICK}"), Part("evaluation", Evaluation, preset=f"perplexity: {FULL}; 0 skips it"),
+       Part("output", Output, only=("out", "overwrite")))
 def bench_cmd(
     dense: str = typer.Argument(..., help="The dense model (checkpoint, ONNX folder, plan, smollm2-135m); with --plan, the model to prune"),
     candidates: Optional[list[str]] = typer.Argument(None, help="Artifacts to compare: checkpoints (masked, shrunk, packed), ONNX folders, .plan files"),
     plan: Optional[str] = typer.Option(None, help="Build the candidates from DENSE: 'default' or a file with one 'PATTERN METHOD[:k=v]' per line"),
     backend: Optional[list[str]] = typer.Option(None, help="torch, ort or tensorrt; repeat for several (default: each artifact's own)"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
-    dtype: str = typer.Option("auto", help="torch backend: auto, float32, float16 or bfloat16"),
     batch_sizes: Optional[str] = typer.Option(None, help="Comma-separated batch sizes (default for the device)"),
     prompt_lengths: Optional[str] = typer.Option(None, help="Comma-separated prompt lengths (default for the device)"),
     decode_tokens: Optional[int] = typer.Option(None, help="Decode steps timed per repetition"),
     reps: Optional[int] = typer.Option(None, help="Interleaved repetitions after warm-up"),
     quick: bool = typer.Option(False, help="Small grid, few repetitions, small calibration and evaluation sets"),
-    calib: str = typer.Option("austen", help="--plan: calibration data (austen, c4, wikitext2, .txt/.jsonl)"),
-    calib_tokens: Optional[Path] = typer.Option(None, help="--plan: exact calibration tokens [n, seqlen]"),
-    nsamples: Optional[int] = typer.Option(None, help="--plan: calibration windows (16 with --quick, else 64)"),
-    seqlen: Optional[int] = typer.Option(None, help="--plan: tokens per calibration window (256 with --quick, else 512)"),
-    eval_data: str = typer.Option("austen", help="Evaluation data for perplexity"),
-    eval_windows: Optional[int] = typer.Option(None, help="Evaluation windows (8 with --quick, else 32; 0 skips perplexity)"),
-    eval_seqlen: Optional[int] = typer.Option(None, help="Tokens per evaluation window (256 with --quick, else 512)"),
     peak_memory: bool = typer.Option(True, "--peak-memory/--no-peak-memory", help="Measure each candidate's peak memory in a fresh process"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for bench.json, bench.md and the plots (default: bench-YYYYmmdd-HHMMSS)"),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+    *, execution, calibration, evaluation, output,
 ):
     """Latency and throughput of compressed models against dense: prefill, decode, p50/p90/p99, speed-ups with intervals, plots."""
-    out = out or Path(time.strftime("bench-%Y%m%d-%H%M%S"))
-    with Progress(console=console, transient=True) as progress:
-        result = bench(
-            dense, candidates or [], out, plan=plan, backends=backend, device=device, dtype=dtype, quick=quick,
-            batch_sizes=_ints(batch_sizes, "--batch-sizes"), prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"),
-            decode_tokens=decode_tokens, reps=reps, calib=calib, calib_tokens=calib_tokens, nsamples=nsamples, seqlen=seqlen,
-            eval_data=eval_data, eval_windows=eval_windows, eval_seqlen=eval_seqlen, peak_memory=peak_memory, overwrite=overwrite,
-            command=_command_line(), on_step=step_reporter(progress, progress.add_task("benchmark", total=None)),
-        )
+    out = output.out or Path(time.strftime("bench-%Y%m%d-%H%M%S"))
+    grid = {"batch_sizes": _ints(batch_sizes, "--batch-sizes"), "prompt_lengths": _ints(prompt_lengths, "--prompt-lengths"),
+            "decode_tokens": decode_tokens, "repetitions": reps}
+    with RichReporter() as reporter:
+        result = bench_run.bench(dense, candidates or [], out, plan=plan, backends=backend, execution=execution, quick=quick,
+                                 grid={k: v for k, v in grid.items() if v not in (None, ())}, calibration=calibration, evaluation=evaluation,
+                                 peak_memory=peak_memory, overwrite=output.overwrite, command=_command_line(), reporter=reporter)
     console.print(describe_bench(result), highlight=False)
     for title, header, rows in bench_tables(result):
         console.print(table(title, header, rows))

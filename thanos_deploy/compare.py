@@ -23,16 +23,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import checkpoint, data, loading, models
-from .bench import plots
-from .bench.report import markdown_table
-from .bench.timing import machine
-from .errors import UserError, at_least
+from . import data, loading, models, plots
+from .artifact import check_output, staged
+from .errors import UserError
 from .evaluate import perplexity
+from .measure import machine, markdown_table
 from .methods import METHODS, get_method
-from .oneshot import fresh_copy, oneshot
+from .oneshot import Sweep
 from .patterns import parse_pattern
-from .targets import select
+from .progress import SILENT, Reporter
+from .request import Calibration, CompressRequest, Evaluation, Execution, Output, Pruning
 
 
 @dataclass(frozen=True)
@@ -145,63 +145,41 @@ def parse_methods(text: str) -> list[Run]:
     return runs
 
 
-def compare(
-    model: str,
-    runs: list[Run],
-    pattern,
-    *,
-    calib: str = "austen",
-    nsamples: int = 64,
-    seqlen: int = 512,
-    seed: int = 0,
-    eval_data: str = "austen",
-    eval_seqlen: int = 512,
-    eval_windows: int = 64,
-    device: str | None = "auto",
-    progress: bool = False,
-    targets: list[str] | None = None,
-    ignore: list[str] | None = None,
-    on_run=None,
-    on_result=None,
-) -> list[dict]:
-    """Prune a fresh copy of `model` with every run and evaluate each; returns one dict per run.
+CALIBRATION = Calibration(nsamples=64, seqlen=512)  # compare's protocol: smaller than compress's papers' default
+EVALUATION = Evaluation(windows=64)
 
-    `on_run(i, n, run)` is called before run i of n (from 1), `on_result(row)` after it: a long
-    sweep can show where it is and save what it has."""
-    pattern = parse_pattern(pattern)
-    for run in runs:  # reject bad options before any work, naming the run in a long sweep
+
+def compare(model: str, runs: list[Run], pattern, *, calibration: Calibration = CALIBRATION, evaluation: Evaluation = EVALUATION,
+            execution: Execution = Execution(), targets=(), ignore=(), reporter: Reporter = SILENT, on_result=None) -> list[dict]:
+    """Prune a fresh copy of `model` with every run (oneshot.Sweep: one load, one calibration set)
+    and evaluate each; returns one dict per run. Every run is checked before any work, naming the
+    run in a long sweep; `on_result(row)` after each run lets a long sweep save what it has."""
+    requests = {}
+    for run in runs:
         if run.method != "dense":
             try:
-                get_method(run.method).options(pattern, run.options)
+                pruning = Pruning(run.method, pattern, run.options, targets, ignore)
             except UserError as e:
-                raise UserError(f"run '{run.label}' at {pattern}: {e}") from None
-    device = loading.pick_device(device or "auto")
-    base, tokenizer = loading.load(model)
-    select(base, targets, ignore, pattern)  # a target that matches nothing, or a shape that does not fit, fails before any work
-    ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=models.context_length(base, seqlen), seed=seed)
-    windows = data.windows(data.evaluation_tokens(eval_data, tokenizer), models.context_length(base, eval_seqlen), eval_windows)
+                raise UserError(f"run '{run.label}' at {parse_pattern(pattern)}: {e}") from None
+            requests[run.label] = CompressRequest(model, pruning, calibration, Output(storage="masked"), execution)
+    probe = next(iter(requests.values()), CompressRequest(model, Pruning(pattern=pattern, targets=targets, ignore=ignore), calibration,
+                                                          Output(storage="masked"), execution))
+    sweep = Sweep(list(requests.values()) or [probe], reporter)
+    windows = data.windows(data.evaluation_tokens(evaluation.data, sweep.tokenizer), models.context_length(sweep.model, evaluation.seqlen),
+                           evaluation.windows)
+    device = loading.pick_device(execution.device)
     results = []
     for i, run in enumerate(runs, 1):
-        if on_run:
-            on_run(i, len(runs), run)
+        reporter.step(f"run {i} of {len(runs)}: {run.label}")
         if run.method == "dense":
             row = {"label": "dense", "method": "dense", "pattern": None, "options": {}, "sparsity": 0.0, "seconds": None,
-                   "prune_seconds": None, **perplexity(base, windows, device=device)}
+                   "prune_seconds": None, **perplexity(sweep.model, windows, device=device)}
         else:
             t0 = time.perf_counter()
-            pruned = oneshot(model, method=run.method, pattern=pattern, options=run.options, calib=calib, calib_ids=ids, seed=seed,
-                             storage="masked", device=device, targets=targets, ignore=ignore, loaded=fresh_copy((base, tokenizer)), progress=progress)
-            seconds = time.perf_counter() - t0
-            row = {
-                "label": run.label,
-                "method": run.method,
-                "pattern": str(pattern),
-                "options": pruned.report["options"],
-                "sparsity": pruned.report["sparsity"],
-                "seconds": round(seconds, 2),
-                "prune_seconds": pruned.report["seconds"]["prune"],
-                **perplexity(pruned.model, windows, device=device),
-            }
+            pruned = sweep.run(requests[run.label])
+            row = {"label": run.label, "method": run.method, "pattern": str(pruned.report["pattern"]), "options": pruned.report["options"],
+                   "sparsity": pruned.report["sparsity"], "seconds": round(time.perf_counter() - t0, 2),
+                   "prune_seconds": pruned.report["seconds"]["prune"], **perplexity(pruned.model, windows, device=device)}
             del pruned
         results.append(row)
         if on_result:
@@ -210,22 +188,23 @@ def compare(
 
 
 def sweep(model: str, methods: str, pattern, *, out: Path | None = None, overwrite: bool = False, command: str = "",
-          calib: str = "austen", nsamples: int = 64, seqlen: int = 512, seed: int = 0, eval_data: str = "austen",
-          eval_seqlen: int = 512, eval_windows: int = 64, device: str = "auto", targets=None, ignore=None, **hooks) -> list[dict]:
+          calibration: Calibration = CALIBRATION, evaluation: Evaluation = EVALUATION, execution: Execution = Execution(),
+          targets=(), ignore=(), reporter: Reporter = SILENT) -> list[dict]:
     """`compare`: the runs `methods` names (grids, @FILE), checked with the protocol and the output
     before any work, compared; with `out`, compare.json, .md and .png written there."""
     runs = parse_methods(methods)
     pattern = parse_pattern(pattern)
-    at_least(1, nsamples=nsamples, seqlen=seqlen, eval_seqlen=eval_seqlen)
     if out is not None:
-        checkpoint.check_output(out, overwrite)
-    dev = loading.pick_device(device)
-    protocol = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, eval_data=eval_data, eval_seqlen=eval_seqlen, eval_windows=eval_windows)
+        check_output(out, overwrite)
     started = time.perf_counter()
-    rows = compare(model, runs, pattern, device=dev, targets=targets, ignore=ignore, **protocol, **hooks)
+    rows = compare(model, runs, pattern, calibration=calibration, evaluation=evaluation, execution=execution, targets=targets, ignore=ignore,
+                   reporter=reporter)
     if out is not None:
-        write(document(rows, {"model": model, "pattern": str(pattern), **protocol, "device": dev.type, "targets": targets, "ignore": ignore},
-                       command=command, seconds=time.perf_counter() - started), out, overwrite)
+        protocol = {"model": model, "pattern": str(pattern), "calib": calibration.source, "nsamples": calibration.nsamples,
+                    "seqlen": calibration.seqlen, "seed": calibration.seed, "eval_data": evaluation.data, "eval_seqlen": evaluation.seqlen,
+                    "eval_windows": evaluation.windows, "device": loading.pick_device(execution.device).type, "targets": list(targets),
+                    "ignore": list(ignore)}
+        write(document(rows, protocol, command=command, seconds=time.perf_counter() - started), out, overwrite)
     return rows
 
 
@@ -263,7 +242,7 @@ def describe(result: dict) -> str:
 def write(result: dict, out: Path, overwrite: bool = False) -> None:
     """compare.json, compare.md and compare.png in `out`, built in a temporary folder renamed at the end."""
     header, cells = table(result["rows"])
-    with checkpoint.staged(out, overwrite) as tmp:
+    with staged(out, overwrite) as tmp:
         (tmp / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "compare.md").write_text("\n".join([describe(result), "", *markdown_table(header, cells)]) + "\n")
         plots.tradeoffs(result["rows"], tmp / "compare.png", f"{result['protocol']['model']} · {result['protocol']['pattern']}")

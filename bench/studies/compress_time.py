@@ -110,13 +110,21 @@ def worker(args) -> None:
         world = distributed.start(args.device)
     except ImportError:  # code from before distributed runs
         world = None
+    try:
+        from thanos_deploy.request import Execution, Pruning
+    except ImportError:  # code from before the request objects: loose options
+        Execution = Pruning = None
     (run,) = [r for r in parse_methods(args.worker) if r.method != "dense"]
     model, tokenizer = loading.load(args.model)
     ids = data.calibration_tokens("austen", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen)
     kwargs = {"world": world} if world is not None and world.size > 1 else {}
     t0 = time.perf_counter()
-    report = compress_model(model, ids, method=run.method, pattern=args.pattern, device=args.device, batch_tokens=int(args.batch_tokens),
-                            **run.options, **kwargs)
+    if Pruning is not None:
+        report = compress_model(model, ids, Pruning(run.method, args.pattern, run.options), Execution(device=args.device, batch_tokens=int(args.batch_tokens)),
+                                **kwargs)
+    else:
+        report = compress_model(model, ids, method=run.method, pattern=args.pattern, device=args.device, batch_tokens=int(args.batch_tokens),
+                                **run.options, **kwargs)
     total = time.perf_counter() - t0
     if world is not None and world.rank != 0:
         return distributed.finish(world)
@@ -142,7 +150,7 @@ def pass_flops(model_name: str, groups: list[list[str]], nsamples: int, seqlen: 
     average); statistics = the same up to the last linear's input (the pass stops there) plus the
     Gram product XᵀX per group of linears sharing an input."""
     from thanos_deploy import loading, models
-    from thanos_deploy.bench.artifacts import attention_macs_per_position
+    from thanos_deploy.measure import attention_macs_per_position
 
     model, _ = loading.load(model_name)
     layers = models.decoder_layers(model)
@@ -186,8 +194,8 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from thanos_deploy import UserError
-    from thanos_deploy.bench.timing import machine, matmul_rate
     from thanos_deploy.compare import parse_methods
+    from thanos_deploy.measure import machine, matmul_rate
 
     try:
         specs = [r for r in parse_methods(args.methods) if r.method != "dense"]

@@ -26,8 +26,9 @@ import torch
 import transformers
 
 from thanos_deploy import data, loading, models
-from thanos_deploy.pipeline.sequential import compress_model
 from thanos_deploy.evaluate import perplexity
+from thanos_deploy.pipeline.sequential import compress_model
+from thanos_deploy.request import Pruning
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -67,7 +68,7 @@ def main() -> None:
         for dtype in DTYPES:
             net, _ = loading.load(args.model, dtype=dtype)
             t0 = time.perf_counter()
-            report = compress_model(net, ids, method=args.method, pattern=args.pattern)
+            report = compress_model(net, ids, Pruning(args.method, args.pattern))
             seconds = time.perf_counter() - t0
             found = masks(net)
             reference = reference or found

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from thanos_deploy import compress_model, data, loading, models
-from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.compact.plain import plain_config
+from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.evaluate import perplexity
+from thanos_deploy.request import Pruning
 
 
 def decoder_params(model) -> int:
@@ -73,14 +74,14 @@ def main() -> None:
     nets, rows = {"dense": dense}, []
 
     allnet = copy.deepcopy(dense)
-    compress_model(allnet, calib, method="thanos", pattern="structured:0.3", alpha=0.0)
+    compress_model(allnet, calib, Pruning("thanos", "structured:0.3", {"alpha": 0.0}))
     all_ppl = perplexity(allnet, windows)["perplexity"]
     shrink_model(allnet, alpha=0.0)
     removed = decoder_params(dense) - decoder_params(allnet)
     fraction = mlp_fraction(dense, removed)
 
     mlpnet = copy.deepcopy(dense)
-    compress_model(mlpnet, calib, method="thanos", pattern=f"structured:{fraction:.4f}", alpha=0.0, targets=["down_proj"])
+    compress_model(mlpnet, calib, Pruning("thanos", f"structured:{fraction:.4f}", {"alpha": 0.0}, targets=["down_proj"]))
     mlp_ppl = perplexity(mlpnet, windows)["perplexity"]
     plain = plain_config(mlpnet, shrink_model(mlpnet, alpha=0.0))
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from thanos_deploy.methods import get_method, thanos
+from thanos_deploy.methods.stats import Stats
 from thanos_deploy.patterns import parse_pattern
-from thanos_deploy.pipeline.stats import Stats
 
 SHAPES = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],

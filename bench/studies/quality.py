@@ -18,9 +18,10 @@ import torch
 import transformers
 
 from thanos_deploy import loading
+from thanos_deploy.compare import Run, compare
 from thanos_deploy.compare import table as compare_table
 from thanos_deploy.console import console, table
-from thanos_deploy.compare import Run, compare
+from thanos_deploy.request import Calibration, Evaluation, Execution
 
 PATTERNS = ("unstructured:0.5", "2:4", "structured:0.3")
 
@@ -53,7 +54,8 @@ def main() -> None:
     args = ap.parse_args()
     transformers.logging.disable_progress_bar()
     protocol = dict(nsamples=16, seqlen=256, eval_windows=16) if args.quick else dict(nsamples=64, seqlen=512, eval_windows=64)
-    common = dict(calib="austen", seed=0, eval_data="austen", eval_seqlen=512, device=torch.device(args.device), progress=True, **protocol)
+    common = dict(calibration=Calibration(nsamples=protocol["nsamples"], seqlen=protocol["seqlen"]),
+                  evaluation=Evaluation(windows=protocol["eval_windows"], seqlen=512), execution=Execution(device=args.device))
 
     dense = compare(args.model, [Run("dense")], "2:4", **common)[0]
     rows = []

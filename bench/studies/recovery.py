@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from thanos_deploy import loading, oneshot
-from thanos_deploy.bench.plots import recovery_curves
-from thanos_deploy.bench.report import markdown_table
-from thanos_deploy.bench.timing import matmul_rate
 from thanos_deploy.evaluate import evaluate_model
-from thanos_deploy.recover import DEFAULT_TOKENS, Settings, recover
+from thanos_deploy.measure import markdown_table, matmul_rate
+from thanos_deploy.plots import recovery_curves
+from thanos_deploy.progress import Reporter
+from thanos_deploy.recover import recover
+from thanos_deploy.request import DEFAULT_TOKENS, RECOVER_EVALUATION, Evaluation, Output, RecoverRequest, Training, prepare
 
 RUNS = {
     "thanos-2:4": ("2:4", "thanos", {"alpha": 0.0}),
@@ -37,6 +38,17 @@ RUNS = {
     "thanos-width": ("width:intermediate_size=1050,num_attention_heads=6", "thanos", {}),
     "thanos-structured:0.3": ("structured:0.3", "thanos", {"alpha": 0.0}),
 }
+
+
+class Progress(Reporter):
+    """Each evaluation of a run as one line."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def record(self, kind: str, values: dict) -> None:
+        if kind == "recover.evaluation":
+            print(f"  {self.name}: {values['tokens']:>7} tokens {values['seconds']:7.0f} s  ppl {values['perplexity']:.3f}", flush=True)
 
 
 def main() -> None:
@@ -48,26 +60,26 @@ def main() -> None:
     args = ap.parse_args()
     calibration = dict(nsamples=4, seqlen=128) if args.check else dict(nsamples=64, seqlen=512)
     evaluation = dict(source="austen", seqlen=512, max_windows=4 if args.check else 64)
-    settings = Settings(tokens=2048, eval_windows=2) if args.check else Settings(tokens=args.tokens)
+    training, scoring = (Training(tokens=2048), Evaluation(windows=2)) if args.check else (Training(tokens=args.tokens), RECOVER_EVALUATION)
     rate = matmul_rate()
     print(f"float32 matmul rate {rate / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads", flush=True)
     dense = evaluate_model(loading.SMOLLM2_ALIAS, **evaluation, device="cpu")["perplexity"]
-    dense_curve = evaluate_model(loading.SMOLLM2_ALIAS, source="austen", seqlen=512, max_windows=settings.eval_windows, device="cpu")["perplexity"]
-    print(f"dense {dense:.3f} (on recover's {settings.eval_windows} evaluation windows {dense_curve:.3f})", flush=True)
+    dense_curve = evaluate_model(loading.SMOLLM2_ALIAS, source="austen", seqlen=512, max_windows=scoring.windows, device="cpu")["perplexity"]
+    print(f"dense {dense:.3f} (on recover's {scoring.windows} evaluation windows {dense_curve:.3f})", flush=True)
     work = Path(tempfile.mkdtemp(prefix="recovery-"))
     rows, curves = [], {}
     try:
         for name in args.only or RUNS:
             pattern, method, options = RUNS[name]
             t0 = time.perf_counter()
-            pruned = oneshot(loading.SMOLLM2_ALIAS, work / name, method=method, pattern=pattern, options=options, storage="auto",
-                             **calibration, device="cpu")
+            pruned = oneshot(prepare(loading.SMOLLM2_ALIAS, out=work / name, method=method, pattern=pattern, **options, **calibration, storage="auto",
+                                     device="cpu"))
             prune_seconds = time.perf_counter() - t0
             before = evaluate_model(str(work / name), **evaluation, device="cpu")["perplexity"]
-            result = recover(str(work / name), work / f"{name}-recovered", settings=settings, device="cpu",
-                             on_eval=lambda e, name=name: print(f"  {name}: {e['tokens']:>7} tokens {e['seconds']:7.0f} s  ppl {e['perplexity']:.3f}", flush=True))
+            result = recover(RecoverRequest(str(work / name), Output(work / f"{name}-recovered"), training=training, evaluation=scoring, device="cpu"),
+                             Progress(name))
             after = evaluate_model(str(work / f"{name}-recovered"), **evaluation, device="cpu")["perplexity"]
-            row = {"run": name, "pattern": pattern, "method": method, "storage": pruned.manifest["storage"], "pruned": before, "recovered": after,
+            row = {"run": name, "pattern": pattern, "method": method, "storage": pruned.manifest.storage, "pruned": before, "recovered": after,
                    "gap_closed": (before - after) / (before - dense), "tokens": result["tokens"], "steps": result["steps"],
                    "recover_seconds": result["seconds"], "prune_seconds": round(prune_seconds, 1), "tokens_per_s": result["tokens_per_s"],
                    "matmul_fraction": result["matmul_fraction"], "log": result["log"]}

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from thanos_deploy.bench.timing import matmul_rate
+from thanos_deploy.measure import matmul_rate
 from thanos_deploy.methods import get_method
+from thanos_deploy.methods.stats import Stats
 from thanos_deploy.patterns import parse_pattern
 from thanos_deploy.pipeline.distributed import World
-from thanos_deploy.pipeline.stats import Stats
 
 MODELS = {  # hidden, MLP, layers, heads, kv heads
     "LLaMA-2-7B": (4096, 11008, 32, 32, 32),

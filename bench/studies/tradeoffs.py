@@ -27,14 +27,16 @@ from pathlib import Path
 import torch
 import transformers
 
-from thanos_deploy import checkpoint, loading
-from thanos_deploy.bench import plots
-from thanos_deploy.bench.report import markdown_table
-from thanos_deploy.console import console
+from thanos_deploy import loading
+from thanos_deploy.artifact import replacing
+from thanos_deploy import plots
 from thanos_deploy.compare import Run, compare, describe, document, expand_grid, table
+from thanos_deploy.console import RichReporter, console
 from thanos_deploy.errors import UserError
+from thanos_deploy.measure import markdown_table
 from thanos_deploy.methods import get_method
 from thanos_deploy.patterns import parse_pattern
+from thanos_deploy.request import Calibration, Evaluation, Execution
 
 FULL = {"block_sizes": [32, 64, 128, 256, 512, 1024], "alphas": [0, 0.01, 0.02, 0.05, 0.1, 0.2],
         "nsamples": 64, "seqlen": 512, "eval_windows": 64, "eval_seqlen": 512}
@@ -114,19 +116,20 @@ def run_study(args: argparse.Namespace) -> None:
     def save(row: dict) -> None:
         rows.append(row)
         result = document(rows, protocol, command=command, seconds=seconds_before + time.perf_counter() - started)
-        with checkpoint.replacing(path) as tmp:
+        with replacing(path) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
         timing = f"  pruning math {row['prune_seconds']:.1f} s  total {row['seconds']:.1f} s" if row["seconds"] is not None else ""
         console.print(f"  ppl {row['perplexity']:.3f}  sparsity {row['sparsity']:.3f}{timing}", highlight=False)
 
     if rows:
         console.print(f"continuing {path}: {len(rows)} runs done", highlight=False)
-    common = {k: protocol[k] for k in ("calib", "nsamples", "seqlen", "seed", "eval_data", "eval_seqlen", "eval_windows")}
+    common = dict(calibration=Calibration(nsamples=protocol["nsamples"], seqlen=protocol["seqlen"]),
+                  evaluation=Evaluation(windows=protocol["eval_windows"], seqlen=protocol["eval_seqlen"]), execution=Execution(device=args.device))
     for pattern, runs in [(None, [Run("dense")]), *plan.items()]:
         todo = [run for run in runs if configuration(pattern, run.method, run.options) not in done]
         if todo:  # dense ignores the pattern compare requires
-            compare(args.model, todo, pattern or "2:4", device=torch.device(args.device), progress=True, on_result=save,
-                    on_run=lambda i, n, run: console.print(f"{pattern or 'dense'}: run {i} of {n}: {run.label}", highlight=False), **common)
+            with RichReporter() as reporter:
+                compare(args.model, todo, pattern or "2:4", on_result=save, reporter=reporter, **common)
 
     result = json.loads(path.read_text())
     dense = [r for r in rows if r["method"] == "dense"]
@@ -135,13 +138,13 @@ def run_study(args: argparse.Namespace) -> None:
         mine = dense + [r for r in rows if r["pattern"] == pattern]
         header, cells = table(mine)
         lines += [f"### {pattern}", "", *markdown_table(header, cells), ""]
-        with checkpoint.replacing(args.out / f"{stem}-{pattern.replace(':', '-')}.png") as tmp:
+        with replacing(args.out / f"{stem}-{pattern.replace(':', '-')}.png") as tmp:
             plots.tradeoffs(mine, tmp, f"{args.model} · {pattern} · calibration {protocol['nsamples']}×{protocol['seqlen']}")
         if pattern in BLOCK_PATTERNS:
             summary = block_size_lines(rows, pattern)
             console.print("\n".join(summary), highlight=False)
             lines += [*summary, ""]
-    with checkpoint.replacing(args.out / f"{stem}.md") as tmp:
+    with replacing(args.out / f"{stem}.md") as tmp:
         tmp.write_text("\n".join(lines))
     console.print(f"wrote {path}, {stem}.md and {len(plan)} PNGs ({stem}-PATTERN.png) in {args.out}", highlight=False)
 

@@ -28,8 +28,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from thanos_deploy import data, loading
-from thanos_deploy.bench.artifacts import linear_macs
 from thanos_deploy.bench.plan import build, parse_plan
+from thanos_deploy.measure import linear_macs
+from thanos_deploy.request import Calibration, Execution
 from thanos_deploy.runtime import open_backend
 
 GROUPS = {
@@ -96,7 +97,7 @@ def main() -> None:
     ap.add_argument("--reps", type=at_least_one, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="where-time-goes-") as work:
-        folders = build(loading.SMOLLM2_ALIAS, parse_plan(PLAN), Path(work), nsamples=16, seqlen=256)
+        folders = build(loading.SMOLLM2_ALIAS, parse_plan(PLAN), Path(work), Calibration(nsamples=16, seqlen=256), Execution(device="cpu"))
         tokenizer = loading.load(loading.SMOLLM2_ALIAS)[1]
         macs = {label: linear_macs(loading.load(str(folder))[0], sparse_kernels=False) for label, folder in folders.items()}
         batch, length = args.prefill

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from thanos_deploy import data, loading
-from thanos_deploy.bench.report import markdown_table
 from thanos_deploy.compare import Run, compare
 from thanos_deploy.evaluate import perplexity
+from thanos_deploy.measure import markdown_table
 from thanos_deploy.patterns import parse_pattern
+from thanos_deploy.request import Calibration, Evaluation, Execution
 from thanos_deploy.width import plan
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 heads in 3 KV groups of head_dim 64. structured:0.3
@@ -148,8 +149,8 @@ def main() -> None:
         method, _, options = spec.partition(":")
         runs = ([Run("dense")] if i == 0 else []) + [Run(method, dict(kv.split("=") for kv in options.split(",")) if options else {})]
         runs = [Run(r.method, {k: float(v) for k, v in r.options.items()}) for r in runs]
-        for row in compare(loading.SMOLLM2_ALIAS, runs, pattern, calib="austen", seed=0, eval_data="austen", eval_seqlen=512,
-                           device="cpu", **protocol):
+        for row in compare(loading.SMOLLM2_ALIAS, runs, pattern, calibration=Calibration(nsamples=protocol["nsamples"], seqlen=protocol["seqlen"]),
+                           evaluation=Evaluation(windows=protocol["eval_windows"], seqlen=512), execution=Execution(device="cpu")):
             if row["method"] == "dense":
                 dense = row["perplexity"]
                 continue

@@ -32,6 +32,8 @@ from torch import nn
 
 
 class CompactLinear(nn.Module):
+    stands_in_for_linear = True  # models.is_linear: its weights are a linear's, not an unsupported layer's
+
     def __init__(
         self,
         weight: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import UserError
 from ..patterns import Columns, Pattern, Structured, Width, mask_for
-from ..pipeline.stats import Stats
+from .stats import Stats
 
 
 def column_score(weight: torch.Tensor, stats: Stats) -> torch.Tensor:
@@ -20,11 +20,10 @@ def column_score(weight: torch.Tensor, stats: Stats) -> torch.Tensor:
     return stats.sq_norms.float()
 
 
-def configure(pattern: Pattern, options: dict) -> dict:
+def check(pattern: Pattern, options: dict) -> None:
     if not isinstance(pattern, (Width, Structured, Columns)):
         raise UserError(f"method 'activation' ranks whole units by their activations, so it cannot choose single weights for "
                         f"{pattern}: use it with --pattern width:... or structured:P")
-    return options
 
 
 def prune(weight: torch.Tensor, stats: Stats, pattern: Pattern) -> torch.Tensor:

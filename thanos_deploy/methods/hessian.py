@@ -30,7 +30,7 @@ def column_score(weight: torch.Tensor, stats) -> torch.Tensor:
     return weight.float().square().sum(0) * stats.sq_norms.float()
 
 
-def check_options(pattern: Pattern, options: dict) -> dict:
+def check_options(pattern: Pattern, options: dict) -> None:
     """Checks shared by the Hessian-based methods: positive sizes, N:M-aligned blocks, damping > 0."""
     for name in ("block_size", "row_batch"):
         if name in options and options[name] < 1:
@@ -39,7 +39,6 @@ def check_options(pattern: Pattern, options: dict) -> dict:
         raise UserError(f"--block-size {options['block_size']} must be a multiple of M={pattern.m} for pattern {pattern}")
     if not options["percdamp"] > 0:
         raise UserError(f"--percdamp must be positive, got {options['percdamp']:g}")
-    return options
 
 
 def dead_columns(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ smallest mean |W|. No calibration data is used.
 import torch
 
 from ..patterns import Pattern, mask_for
-from ..pipeline.stats import Stats
+from .stats import Stats
 
 
 def column_score(weight: torch.Tensor, stats: Stats) -> torch.Tensor:

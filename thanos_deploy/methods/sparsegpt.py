@@ -21,9 +21,9 @@ import math
 import torch
 
 from ..patterns import NM, Columns, Pattern, Structured, column_mask, n_of_m, smallest
-from ..pipeline.stats import Stats
-from .hessian import check_options as configure  # noqa: F401  (the registry calls sparsegpt.configure)
+from .hessian import check_options as check  # noqa: F401  (the registry calls sparsegpt.check)
 from .hessian import column_score, dead_columns, inverse_cholesky  # noqa: F401  (the registry reads sparsegpt.column_score)
+from .stats import Stats
 
 
 def prune(weight: torch.Tensor, stats: Stats, pattern: Pattern, *, block_size: int = 128, percdamp: float = 0.01) -> torch.Tensor:

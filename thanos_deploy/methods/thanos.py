@@ -32,22 +32,32 @@ import torch
 
 from ..errors import UserError
 from ..patterns import NM, Columns, Pattern, Structured, Unstructured, Width, n_of_m, smallest
-from ..pipeline.stats import Stats
-from .hessian import check_options, column_score, dead_columns, inverse_cholesky, outlier_rows, trailing_inverse  # noqa: F401
+from .hessian import (  # noqa: F401
+    check_options,
+    column_score,
+    dead_columns,
+    inverse_cholesky,
+    outlier_rows,
+    trailing_inverse,
+)
+from .stats import Stats
 
 
-def configure(pattern: Pattern, options: dict) -> dict:
-    """Pattern-dependent defaults (α = 0.1 for structured, else 0) and range checks."""
+def pattern_defaults(pattern: Pattern) -> dict:
+    """α = 0.1 for structured (a tenth of the rows kept dense), 0 for everything else."""
+    return {"alpha": 0.1} if isinstance(pattern, Structured) else {}
+
+
+def check(pattern: Pattern, options: dict) -> None:
+    """Range checks of the options, and α only where outlier rows have a place."""
     alpha = options["alpha"]
-    if alpha is not None and alpha > 0 and isinstance(pattern, (Width, Columns)):
+    if alpha > 0 and isinstance(pattern, (Width, Columns)):
         raise UserError("--alpha keeps dense outlier rows, which a plain architecture has no place for: use --alpha 0 with width patterns")
-    if alpha is None:
-        alpha = 0.1 if isinstance(pattern, Structured) else 0.0
     if not 0.0 <= alpha <= 0.5:
         raise UserError(f"--alpha must be in [0, 0.5], got {alpha:g}")
     if alpha > 0 and isinstance(pattern, Unstructured):
         raise UserError("--alpha (dense outlier rows) applies to N:M and structured patterns only; use --alpha 0 with unstructured")
-    return {**check_options(pattern, options), "alpha": alpha}
+    check_options(pattern, options)
 
 
 def structured_columns(pattern: Structured, cols: int, alpha: float) -> int:
@@ -63,9 +73,8 @@ def prune(
     block_size: int = 512,
     row_batch: int = 256,
     percdamp: float = 0.01,
-    alpha: float | None = None,
+    alpha: float = 0.0,
 ) -> torch.Tensor:
-    alpha = configure(pattern, {"alpha": alpha, "block_size": block_size, "row_batch": row_batch, "percdamp": percdamp})["alpha"]
     W, H = dead_columns(weight, stats.hessian)
     sq_norms = stats.sq_norms.to(W.dtype)
     dense = outlier_rows(W, sq_norms, alpha)

@@ -8,7 +8,7 @@ of the remaining weights.
 import torch
 
 from ..patterns import Pattern, mask_for
-from ..pipeline.stats import Stats
+from .stats import Stats
 
 
 def scores(weight: torch.Tensor, stats: Stats) -> torch.Tensor:

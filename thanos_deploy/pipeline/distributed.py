@@ -30,13 +30,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import loading
 from ..errors import PeerLost, UserError
-from .resume import resume_command
+from ..staging import resume_command
 
 TIMEOUT_VARIABLE = "THANOS_DEPLOY_TIMEOUT"
 LAUNCHED = "THANOS_DEPLOY_LAUNCHED"  # set by `launch`: the launcher reports a lost process, the ranks do not
@@ -150,6 +150,27 @@ class World:
                     dist.broadcast(piece, src=owner[name])
                     if piece is not tensor:
                         tensor.copy_(piece)
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of every rank's `tensor` (figures to report, such as a loss)."""
+        if self.single:
+            return tensor
+        with self._exchange():
+            dist.all_reduce(tensor)
+        return tensor / self.size
+
+    def first(self, work):
+        """`work()` on rank 0, its (picklable) result on every rank; an error there is raised on
+        every rank (together) instead of leaving the others waiting in a collective."""
+        result = None
+        with self.together():
+            if self.rank == 0:
+                result = work()
+        return self.broadcast(result)
+
+    def parallel(self, model: nn.Module) -> nn.Module:
+        """`model` with its gradients averaged over the ranks after every backward pass (DDP)."""
+        return model if self.single else DistributedDataParallel(model)
 
     @contextmanager
     def together(self):

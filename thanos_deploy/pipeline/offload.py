@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import loading, models
-from ..checkpoint import INDEX, read_manifest
+from ..artifact import INDEX, Manifest
 from ..errors import UserError
 
 
@@ -74,7 +74,7 @@ def load_skeleton(spec: str, dtype: str = "auto"):
     where = loading.resolve(spec)
     if isinstance(where, str):
         raise UserError(f"--offload reads a local folder, not the hub id '{spec}': download it first (huggingface-cli download)")
-    if (read_manifest(where) or {}).get("storage", "masked") != "masked":
+    if (Manifest.read(where) or Manifest()).storage != "masked":
         raise UserError(f"'{spec}' is a compact checkpoint: --offload reads dense or masked checkpoints")
     try:
         config = AutoConfig.from_pretrained(where)

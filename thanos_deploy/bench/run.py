@@ -11,20 +11,23 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from thanos_deploy import checkpoint, data, loading
-from thanos_deploy.errors import UserError
-from thanos_deploy.evaluate import backend_perplexity
-from thanos_deploy.loading import pick_device
-from thanos_deploy.runtime import open_backend
-
-from . import artifacts, plan as plans, plots, report, timing
+from .. import data, loading, measure, plots
+from ..artifact import check_output, staged
+from ..errors import UserError
+from ..evaluate import backend_perplexity
+from ..loading import pick_device
+from ..progress import SILENT, Reporter
+from ..request import Calibration, Evaluation, Execution
+from ..runtime import open_backend
+from . import artifacts, report, timing
+from . import plan as plans
 
 
 def _rows(arts: list[artifacts.Artifact], backends: list[str] | None) -> list[tuple[str, artifacts.Artifact, str]]:
@@ -37,6 +40,10 @@ def _rows(arts: list[artifacts.Artifact], backends: list[str] | None) -> list[tu
     return rows
 
 
+QUICK = (Calibration(nsamples=16, seqlen=256), Evaluation(windows=8, seqlen=256))
+FULL = (Calibration(nsamples=64, seqlen=512), Evaluation(windows=32, seqlen=512))
+
+
 def bench(
     dense: str,
     candidates: list[str],
@@ -44,42 +51,31 @@ def bench(
     *,
     plan: str | None = None,
     backends: list[str] | None = None,
-    device: str = "cpu",
-    dtype: str = "auto",
+    execution: Execution = Execution(device="cpu"),
     quick: bool = False,
-    batch_sizes: tuple[int, ...] = (),
-    prompt_lengths: tuple[int, ...] = (),
-    decode_tokens: int | None = None,
-    reps: int | None = None,
-    calib: str = "austen",
-    calib_tokens: Path | None = None,
-    nsamples: int | None = None,
-    seqlen: int | None = None,
-    seed: int = 0,
-    eval_data: str = "austen",
-    eval_windows: int | None = None,
-    eval_seqlen: int | None = None,
+    grid: dict | None = None,
+    calibration: dict | None = None,
+    evaluation: dict | None = None,
     peak_memory: bool = True,
     overwrite: bool = False,
     command: str = "",
-    on_step=None,
+    reporter: Reporter = SILENT,
 ) -> dict:
     """Measure dense and every candidate; write bench.json, bench.md, latency.png, pareto.png to `out`.
-    Unset sizes take the device's default grid, and `quick` a small one with small calibration and
-    evaluation sets (16×256 and 8×256 tokens, else 64×512 and 32×512)."""
-    device = pick_device(device).type
-    default = timing.default_grid(device, quick)
-    grid = timing.Grid(batch_sizes or default.batch_sizes, prompt_lengths or default.prompt_lengths,
-                       default.decode_tokens if decode_tokens is None else decode_tokens, default.repetitions if reps is None else reps)
-    nsamples, seqlen = nsamples or (16 if quick else 64), seqlen or (256 if quick else 512)
-    eval_windows = (8 if quick else 32) if eval_windows is None else eval_windows
-    eval_seqlen = eval_seqlen or (256 if quick else 512)
+    `grid` (batch_sizes, prompt_lengths, decode_tokens, repetitions), `calibration` (of --plan)
+    and `evaluation` change what they name of the defaults: the device's grid and 64×512
+    calibration and 32×512 evaluation tokens, or with `quick` a small grid, 16×256 and 8×256."""
+    device = pick_device(execution.device).type
+    grid = replace(timing.default_grid(device, quick), **(grid or {}))
+    presets = QUICK if quick else FULL
+    calibration = replace(presets[0], **(calibration or {}))
+    evaluation = replace(presets[1], **(evaluation or {}))
     if min(grid.batch_sizes + grid.prompt_lengths) < 1 or grid.decode_tokens < 1 or grid.repetitions < 2:
         raise UserError("batch sizes, prompt lengths and --decode-tokens must be at least 1, --reps at least 2")
     for backend in backends or []:
         artifacts.check_backend(backend, device)
-    checkpoint.check_output(out, overwrite)
-    step = on_step or (lambda message: None)
+    check_output(out, overwrite)
+    step = reporter.step
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="thanos-bench-") as work:
         workdir = Path(work)
@@ -89,17 +85,16 @@ def bench(
             runs = plans.read_plan(plan)
             artifacts.check_backend("torch", device)
             arts = [artifacts.identify(dense, "dense")]
-            windows = _eval_windows(arts[0], eval_data, eval_windows, eval_seqlen)
+            windows = _eval_windows(arts[0], evaluation)
             _rows(arts, backends)
-            folders = plans.build(dense, runs, workdir, calib=calib, calib_tokens=calib_tokens, nsamples=nsamples, seqlen=seqlen,
-                                       seed=seed, device=device, on_run=lambda label: step(f"pruning {label}"))
+            folders = plans.build(dense, runs, workdir, calibration, replace(execution, device=device), reporter)
             arts = [artifacts.identify(str(folder), label) for label, folder in folders.items()]
         else:
             if not candidates:
                 raise UserError("nothing to compare: pass DENSE and at least one CANDIDATE, or MODEL --plan default")
             arts = [artifacts.identify(dense, "dense")] + [artifacts.identify(c) for c in candidates]
             _unique_labels(arts)
-            windows = _eval_windows(arts[0], eval_data, eval_windows, eval_seqlen)
+            windows = _eval_windows(arts[0], evaluation)
         rows = _rows(arts, backends)
         for _, _, backend in rows:
             artifacts.check_backend(backend, device)
@@ -112,7 +107,7 @@ def bench(
         for label, art, backend in rows:
             step(f"preparing {label}")
             targets[label] = artifacts.prepare(art, backend, workdir, device)
-            runners[label] = open_backend(backend, str(targets[label]), **artifacts.backend_options(backend, device, dtype))
+            runners[label] = open_backend(backend, str(targets[label]), **artifacts.backend_options(backend, device, execution.dtype))
             logits, _ = runners[label].prefill(torch.zeros(1, 2, dtype=torch.long))
             vocab = vocab or logits.shape[-1]
             if logits.shape[-1] != vocab:
@@ -120,8 +115,8 @@ def bench(
             ran, sparse_kernels = artifacts.what_ran(art, backend, device, runners[label], targets[label])
             facts[label] = {"artifact": str(art.path), "kind": art.kind, "backend": backend, "target": str(targets[label]) if targets[label] != art.path else None,
                             "bytes": artifacts.bytes_on_disk(targets[label]), "pruning_seconds": artifacts.pruning_seconds(art),
-                            "pattern": (art.manifest or {}).get("pattern"), "method": (art.manifest or {}).get("method"),
-                            "storage": (art.manifest or {}).get("storage"), "what_ran": ran,
+                            **{key: getattr(art.manifest, key) if art.manifest else None for key in ("pattern", "method", "storage")},
+                            "what_ran": ran,
                             "linear_macs_per_token": _macs(art, runners[label], sparse_kernels),
                             "attention_macs_per_position": _attention_macs(art, runners[label])}
 
@@ -132,7 +127,7 @@ def bench(
                 scored[art.label] = backend_perplexity(runners[label], windows)
             facts[label]["perplexity"] = scored.get(art.label)
 
-        raw = timing.measure(runners, vocab, grid, on_step=step)
+        raw = timing.measure(runners, vocab, grid, step=step)
         speeds = {}
         for backend in dict.fromkeys(b for _, _, b in rows):
             group = [label for label, _, b in rows if b == backend]
@@ -141,21 +136,21 @@ def bench(
                 facts[label]["dense"] = group[0]
                 for key, s in speeds[label].items():  # prefill attends to (L+1)/2 positions on average, decode to L + (T+1)/2
                     length = int(key.split("x")[1])
-                    s["prefill_flop_ratio"] = artifacts.flop_ratio(facts[group[0]], facts[label], (length + 1) / 2)
-                    s["decode_flop_ratio"] = artifacts.flop_ratio(facts[group[0]], facts[label], length + (grid.decode_tokens + 1) / 2)
+                    s["prefill_flop_ratio"] = measure.flop_ratio(facts[group[0]], facts[label], (length + 1) / 2)
+                    s["decode_flop_ratio"] = measure.flop_ratio(facts[group[0]], facts[label], length + (grid.decode_tokens + 1) / 2)
         del runners
         if peak_memory:
             for label, art, backend in rows:
                 step(f"peak memory {label}")
-                facts[label]["memory"] = timing.peak_memory(backend, targets[label], artifacts.backend_options(backend, device, dtype), vocab, grid)
+                facts[label]["memory"] = timing.peak_memory(backend, targets[label], artifacts.backend_options(backend, device, execution.dtype), vocab, grid)
 
         result = {
-            "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": timing.machine(),
+            "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": measure.machine(),
             "device": device, "grid": asdict(grid), "plan": plan, "seconds": round(time.perf_counter() - started, 1),
             "rows": [{"label": label, **facts[label], "speed": speeds[label]} for label, _, _ in rows],
             "raw": raw,
         }
-        with checkpoint.staged(out, overwrite) as tmp:
+        with staged(out, overwrite) as tmp:
             (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
             (tmp / "bench.md").write_text(report.markdown(result))
             plots.latency_vs_batch(result, tmp / "latency.png")
@@ -174,22 +169,22 @@ def _unique_labels(arts: list[artifacts.Artifact]) -> None:
 def _macs(art: artifacts.Artifact, runner, sparse_kernels: bool) -> float | None:
     """Linear multiply-adds per token; from the torch model itself, or the checkpoint an export came from."""
     if hasattr(runner, "model"):
-        return artifacts.linear_macs(runner.model, sparse_kernels)
+        return measure.linear_macs(runner.model, sparse_kernels)
     if art.kind == "checkpoint":
-        return artifacts.linear_macs(loading.load(str(art.path))[0], sparse_kernels)
+        return measure.linear_macs(loading.load(str(art.path))[0], sparse_kernels)
     return None
 
 
 def _attention_macs(art: artifacts.Artifact, runner) -> float | None:
     config = runner.model.config if hasattr(runner, "model") else (AutoConfig.from_pretrained(art.config_folder) if art.config_folder else None)
-    return artifacts.attention_macs_per_position(config) if config is not None else None
+    return measure.attention_macs_per_position(config) if config is not None else None
 
 
-def _eval_windows(dense: artifacts.Artifact, source: str, count: int, seqlen: int):
-    if count < 1:
+def _eval_windows(dense: artifacts.Artifact, evaluation: Evaluation):
+    if evaluation.windows < 1:
         return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(dense.config_folder)
     except (OSError, ValueError, TypeError):
         raise UserError(f"no tokenizer next to '{dense.path}' for the perplexity: pass --eval-windows 0 to skip it") from None
-    return data.windows(data.evaluation_tokens(source, tokenizer), seqlen, count)
+    return data.windows(data.evaluation_tokens(evaluation.data, tokenizer), evaluation.seqlen, evaluation.windows)

@@ -31,11 +31,10 @@ from torch import nn
 from torch.export import Dim
 from transformers import DynamicCache
 
-from thanos_deploy.checkpoint import check_output, staged
-from thanos_deploy.errors import UserError
-from thanos_deploy.loading import load
-from thanos_deploy.runtime.ort import create_session
-
+from ..artifact import check_output, staged
+from ..errors import UserError
+from ..loading import load
+from ..runtime.ort import create_session
 from . import sparsity
 
 TWO_GB = 2**31

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thanos_deploy.compact.linear import CompactLinear
+from ..compact.linear import CompactLinear
 
 MAX_ROWS = 16  # more rows are left to MKL, which threads them itself (at 64 the split lost on some shapes)
 MIN_WEIGHT = 32768  # elements; below this the split's own cost (a few µs) is more than it saves

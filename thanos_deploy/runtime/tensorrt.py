@@ -10,10 +10,20 @@ from pathlib import Path
 
 import torch
 
-from thanos_deploy.errors import UserError
-from thanos_deploy.exporters.tensorrt import require_tensorrt
-
+from ..errors import UserError
 from .base import Backend
+
+
+def require_tensorrt():
+    """The tensorrt module, or one clear error saying what to install."""
+    try:
+        import tensorrt
+    except (ImportError, OSError) as e:
+        raise UserError(
+            f"TensorRT is not available here ({type(e).__name__}): it needs an NVIDIA GPU and TensorRT's libraries; "
+            "on such a machine: pip install 'thanos-deploy[tensorrt]'"
+        ) from None
+    return tensorrt
 
 
 class TensorRTBackend(Backend):

@@ -12,56 +12,17 @@ the ratio of repetition i pairs dense's repetition i with the candidate's.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import random
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
-from thanos_deploy.runtime import open_backend
-
-
-def machine() -> dict:
-    """Where a measurement ran: platform, CPU, threads, GPU, library versions (stored next to the numbers)."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, capability=list(torch.cuda.get_device_capability(0)),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    versions = {}
-    for name in ("thanos-deploy", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "matplotlib"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {**info, "versions": versions}
-
-
-def matmul_rate(device: str | torch.device = "cpu", size: int = 2048, seconds: float = 0.5) -> float:
-    """This machine's float32 matrix-multiply rate in FLOP/s (square products of `size`, best of
-    about `seconds` of them): what a throughput is a fraction of."""
-    device = torch.device(device)
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    best, spent = float("inf"), 0.0
-    while spent < seconds or best == float("inf"):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        took = time.perf_counter() - t0
-        best, spent = min(best, took), spent + took
-    return 2 * size**3 / best
-
+from ..runtime import open_backend
 
 # ------------------------------------------------------------------------------ statistics
 
@@ -162,7 +123,7 @@ def cell_key(cell: tuple[int, int]) -> str:
     return f"{cell[0]}x{cell[1]}"
 
 
-def measure(backends: dict, vocab: int, grid: Grid, on_step=None) -> dict:
+def measure(backends: dict, vocab: int, grid: Grid, step=None) -> dict:
     """Raw timings {label: {"BxS": {"prefill": [s per rep], "decode": [[s per step] per rep]}}}.
 
     One untimed warm-up per candidate and cell, as long as a repetition (prefill and every decode
@@ -173,14 +134,14 @@ def measure(backends: dict, vocab: int, grid: Grid, on_step=None) -> dict:
     for cell in grid.cells:
         for label in labels:
             time_one(backends[label], prompt_ids(vocab, *cell), grid.decode_tokens)
-            if on_step:
-                on_step(f"warm-up {label} {cell_key(cell)}")
+            if step:
+                step(f"warm-up {label} {cell_key(cell)}")
     for rep, cell, label in schedule(labels, grid.cells, grid.repetitions):
         prefill, steps = time_one(backends[label], prompt_ids(vocab, *cell), grid.decode_tokens)
         raw[label][cell_key(cell)]["prefill"].append(prefill)
         raw[label][cell_key(cell)]["decode"].append(steps)
-        if on_step:
-            on_step(f"rep {rep + 1}/{grid.repetitions} {label} {cell_key(cell)}")
+        if step:
+            step(f"rep {rep + 1}/{grid.repetitions} {label} {cell_key(cell)}")
     return raw
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thanos_deploy.checkpoint import onnx_file
-from thanos_deploy.errors import UserError
-
+from ..errors import UserError
+from ..loading import onnx_file
 from .base import Backend
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}

@@ -9,8 +9,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from thanos_deploy.loading import load
-
+from ..loading import load
 from .base import Backend
 from .threaded import use_every_thread
 

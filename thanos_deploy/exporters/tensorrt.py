@@ -21,23 +21,13 @@ from pathlib import Path
 
 import onnx
 
-from thanos_deploy.checkpoint import check_output, onnx_file
-from thanos_deploy.errors import UserError
+from ..artifact import check_output
+from ..errors import UserError
+from ..loading import onnx_file
+from ..runtime.tensorrt import require_tensorrt
 
 ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:\s*(.*)$")
 PICKED = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementation for layers:\s*(.*)$")
-
-
-def require_tensorrt():
-    """The tensorrt module, or one clear error saying what to install."""
-    try:
-        import tensorrt
-    except (ImportError, OSError) as e:
-        raise UserError(
-            f"TensorRT is not available here ({type(e).__name__}): it needs an NVIDIA GPU and TensorRT's libraries; "
-            "on such a machine: pip install 'thanos-deploy[tensorrt]'"
-        ) from None
-    return tensorrt
 
 
 def parse_sparsity_log(lines: list[str]) -> dict:

@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from thanos_deploy.errors import UserError
+from ..errors import UserError
 
 PASS_THROUGH = {"Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
 

@@ -3,6 +3,8 @@ bench.md) and the one-line description of a run."""
 
 from __future__ import annotations
 
+from ..measure import markdown_table
+
 
 def _speed(s: dict, flops: float | None = None) -> str:
     return f"{s['ratio']:.2f}× [{s['low']:.2f}, {s['high']:.2f}]" + (f" (FLOPs {flops:.2f}×)" if flops else "")
@@ -48,12 +50,6 @@ def describe(result: dict) -> str:
     where = m.get("gpu") or f"{m['processor']}, {m['torch_threads']} threads"
     return (f"{result['date']} · {where} · torch {m['versions'].get('torch')} · {g['repetitions']} interleaved repetitions after warm-up, "
             f"{g['decode_tokens']} decode steps each · `{result['command']}`")
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """The lines of one Markdown table ('|' in cells escaped)."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)]
 
 
 def markdown(result: dict) -> str:

@@ -12,12 +12,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from thanos_deploy import data, loading, models
-from thanos_deploy.compare import Run, expand_grid, plan_lines
-from thanos_deploy.errors import UserError
-from thanos_deploy.methods import get_method
-from thanos_deploy.oneshot import check_model, fresh_copy, oneshot, prepare
-from thanos_deploy.patterns import parse_pattern
+from .. import loading
+from ..compare import Run, expand_grid, plan_lines
+from ..errors import UserError
+from ..oneshot import Sweep
+from ..patterns import parse_pattern
+from ..progress import SILENT, Reporter
+from ..request import Calibration, CompressRequest, Execution, Output, Pruning
 
 DEFAULT_PLAN = """\
 dense
@@ -58,7 +59,7 @@ def parse_plan(text: str, where: str = "plan") -> list[PlanRun]:
         if grid[0].method == "dense":
             raise UserError(f"{where} line {number}: dense takes no pattern; write it alone on its line")
         for run in grid:
-            get_method(run.method).options(pattern, run.options)
+            Pruning(run.method, pattern, run.options)  # a bad option fails here, naming its line
             runs.append(PlanRun(run, str(pattern)))
     if not any(r.pattern for r in runs):
         raise UserError(f"{where} has no pruned run: add lines such as '2:4 thanos:alpha=0'")
@@ -78,29 +79,15 @@ def read_plan(spec: str) -> list[PlanRun]:
     return parse_plan(path.read_text(), f"plan '{spec}'")
 
 
-def build(model: str, plan: list[PlanRun], workdir: Path, *, calib: str = "austen", calib_tokens: Path | None = None,
-          nsamples: int = 16, seqlen: int = 256, seed: int = 0, device="auto", on_run=None) -> dict[str, Path]:
-    """Prune a fresh copy of `model` for every run on the same calibration tokens and save it
-    compact under `workdir` (storage auto: N:M packed, structured shrunk); dense is the model's own
-    folder. Returns {label: folder}."""
-    base, tokenizer = loading.load(model)
-    if calib_tokens is not None:
-        ids = data.load_token_file(calib_tokens)
-    else:
-        ids = data.calibration_tokens(calib, tokenizer, nsamples=nsamples, seqlen=models.context_length(base, seqlen), seed=seed)
-    data.check_tokens(ids, base.config.vocab_size)
-    for run in plan:
-        if run.pattern:  # every run fits the model before the first one starts
-            check_model(base, prepare(run.run.method, run.pattern, run.run.options, storage="auto"))
+def build(model: str, plan: list[PlanRun], workdir: Path, calibration: Calibration, execution: Execution, reporter: Reporter = SILENT) -> dict[str, Path]:
+    """Prune a fresh copy of `model` for every run of `plan` on the same calibration windows
+    (oneshot.Sweep) and save it compact under `workdir` (storage auto: N:M packed, structured
+    shrunk, width plain); dense is the model's own folder. Returns {label: folder}."""
+    requests = {run.label: CompressRequest(model, Pruning(run.run.method, run.pattern, run.run.options), calibration,
+                                           Output(workdir / run.folder, storage="auto"), execution) for run in plan if run.pattern}
+    sweep = Sweep(list(requests.values()), reporter)
     folders = {}
     for run in plan:
-        if on_run:
-            on_run(run.label)
-        if run.pattern is None:
-            folders[run.label] = Path(loading.resolve(model))
-            continue
-        result = oneshot(model, workdir / run.folder, method=run.run.method, pattern=run.pattern, options=run.run.options, storage="auto",
-                         calib=calib, calib_tokens=calib_tokens, calib_ids=ids, seed=seed, device=device, loaded=fresh_copy((base, tokenizer)))
-        folders[run.label] = result.out
-        del result
+        reporter.step(f"pruning {run.label}")
+        folders[run.label] = Path(loading.resolve(model)) if run.pattern is None else sweep.run(requests[run.label]).out
     return folders

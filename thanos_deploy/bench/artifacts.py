@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from thanos_deploy import checkpoint, loading
-from thanos_deploy.compact.linear import CompactLinear
-from thanos_deploy.errors import UserError
-from thanos_deploy.exporters.onnx import write_artifact
-from thanos_deploy.exporters.tensorrt import build_engine, require_tensorrt
-from thanos_deploy.inspection import inspect_model
-from thanos_deploy.runtime import BACKENDS
+from .. import loading
+from ..artifact import Manifest
+from ..compact.linear import CompactLinear
+from ..errors import UserError
+from ..exporters.onnx import write_artifact
+from ..exporters.tensorrt import build_engine, require_tensorrt
+from ..runtime import BACKENDS
 
 NATIVE = {"checkpoint": "torch", "onnx": "ort", "plan": "tensorrt"}
 
@@ -31,7 +31,7 @@ class Artifact:
     label: str
     path: Path
     kind: str  # checkpoint | onnx | plan
-    manifest: dict | None = field(default=None, repr=False)
+    manifest: Manifest | None = field(default=None, repr=False)
 
     @property
     def config_folder(self) -> Path | None:
@@ -64,7 +64,7 @@ def identify(spec: str, label: str | None = None) -> Artifact:
     if path.is_dir() and (path / "model.onnx").is_file():
         return Artifact(name, path / "model.onnx", "onnx")
     if path.is_dir() and (path / "config.json").is_file():
-        return Artifact(name, path, "checkpoint", checkpoint.read_manifest(path))
+        return Artifact(name, path, "checkpoint", Manifest.read(path))
     raise UserError(f"'{spec}' is not an artifact of this tool: pass a checkpoint folder, an ONNX folder (or model.onnx) or a TensorRT .plan")
 
 
@@ -127,40 +127,11 @@ def bytes_on_disk(target: Path) -> int:
     return sum(p.stat().st_size for p in target.glob("*.safetensors"))
 
 
-def linear_macs(model, sparse_kernels: bool) -> float:
-    """Multiply-adds per token of every linear the model runs (decoder linears as stored, LM head
-    dense); attention scores excluded. Packed N:M counts its kept values only where sparse
-    kernels run it; elsewhere its zeros are multiplied like any other value."""
-    rows = inspect_model(model, None)["rows"]
-    head = model.get_output_embeddings()
-    ran = lambda r: r["flops_vs_dense"] if sparse_kernels or not r["storage"].startswith("packed") else 1.0  # noqa: E731
-    return sum(ran(r) * r["shape"][0] * r["shape"][1] for r in rows) + head.in_features * head.out_features
-
-
-def attention_macs_per_position(config) -> float | None:
-    """Multiply-adds one token spends per position it attends to: QKᵀ and AV in every layer's query
-    heads. Column pruning leaves it; fewer heads shrink it (and the KV cache)."""
-    heads, layers = getattr(config, "num_attention_heads", None), getattr(config, "num_hidden_layers", None)
-    if not heads or not layers:
-        return None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * layers * heads * head_dim
-
-
-def flop_ratio(dense: dict, candidate: dict, positions: float) -> float | None:
-    """Dense model multiply-adds per token over the candidate's, attending to `positions` on average."""
-    def macs(facts: dict) -> float | None:
-        linear, attention = facts.get("linear_macs_per_token"), facts.get("attention_macs_per_position")
-        return None if linear is None or attention is None else linear + attention * positions
-    d, c = macs(dense), macs(candidate)
-    return d / c if d and c else None
-
-
 def what_ran(artifact: Artifact, backend: str, device: str, runner, target: Path) -> tuple[str, bool]:
     """(one line saying which kernels produced the number, whether sparse kernels ran): never a
     speed-up without its cause."""
-    storage = (artifact.manifest or {}).get("storage", "masked")
-    pattern = (artifact.manifest or {}).get("pattern")
+    storage = artifact.manifest.storage if artifact.manifest else "masked"
+    pattern = artifact.manifest.pattern if artifact.manifest else None
     if backend == "torch":
         packed = [m for m in runner.model.modules() if isinstance(m, CompactLinear) and m.packed]
         sparse = sum(type(m.weight.data) is not torch.Tensor for m in packed)
@@ -189,7 +160,7 @@ def what_ran(artifact: Artifact, backend: str, device: str, runner, target: Path
 
 def pruning_seconds(artifact: Artifact) -> dict | None:
     """Pruning time as the manifest recorded it (math alone, and the whole compress run)."""
-    seconds = (artifact.manifest or {}).get("seconds")
+    seconds = artifact.manifest.seconds if artifact.manifest else None
     if not seconds:
         return None
     return {"prune": seconds.get("prune"), "total": seconds.get("command", seconds.get("total"))}

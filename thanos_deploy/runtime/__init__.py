@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from thanos_deploy.errors import UserError, at_least
-from thanos_deploy.loading import pick_device
-
+from ..errors import UserError, at_least
+from ..loading import pick_device
 from .base import Backend
 from .ort import OrtBackend
 from .tensorrt import TensorRTBackend
