@@ -15,6 +15,8 @@ from thanos_deploy.compact.shrink import shrink_model
 from thanos_deploy.errors import UserError
 from thanos_deploy.evaluate import perplexity
 from thanos_deploy.inspection import inspect_model
+from thanos_deploy.pipeline import streamed
+from thanos_deploy.pipeline.offload import load_skeleton
 from thanos_deploy.request import Pruning
 
 from .conftest import random_ids, tiny_model
@@ -119,3 +121,15 @@ def test_family_onnx_export_with_kv_cache(tmp_path, kind):
         assert report["inputs"][3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
         return
     pytest.skip(f"torch's exporters cannot export {kind} with a KV cache: {'; '.join(reasons)}")
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_family_streamed_perplexity_equals_the_whole_models(tmp_path, kind):
+    """`eval --offload` reads one decoder layer at a time and runs the model's own head code (a
+    family's soft-capping and logit scales included): the same perplexity as the whole model."""
+    dense = tiny_model(kind)
+    dense.save_pretrained(tmp_path / "m")
+    windows = random_ids(3, 16, seed=3)
+    whole = perplexity(dense, windows)
+    streamed_value = streamed.perplexity(load_skeleton(str(tmp_path / "m")), windows, device=torch.device("cpu"), batch_tokens=32)
+    assert streamed_value["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)

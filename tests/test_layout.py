@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from thanos_deploy import compress_model, oneshot, recover, prepare
+from thanos_deploy import compress_model, oneshot, prepare, recover
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "thanos_deploy"
@@ -29,7 +29,7 @@ LAYERS = [
     {"oneshot"},
     {"runtime"},
     {"exporters"},
-    {"recover", "compare", "bench", "console", "cli", "__main__", "__init__"},
+    {"recover", "compare", "scores", "bench", "console", "cli", "__main__", "__init__"},
 ]
 
 

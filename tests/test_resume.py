@@ -233,9 +233,9 @@ def test_activations_go_to_disk_by_default_only_when_they_would_not_fit_in_memor
     model, ids = tiny_model("llama"), random_ids(8, 32)
     need = activations.nbytes(model, ids)
     assert need == 2 * 8 * 32 * 64 * 4
-    monkeypatch.setattr(offload, "_available_memory", lambda: need)
+    monkeypatch.setattr(offload, "available_memory", lambda: need)
     assert activations.wants_on_disk(None, model, ids)
     assert not activations.wants_on_disk(False, model, ids)
-    monkeypatch.setattr(offload, "_available_memory", lambda: 100 * need)
+    monkeypatch.setattr(offload, "available_memory", lambda: 100 * need)
     assert not activations.wants_on_disk(None, model, ids)
     assert activations.wants_on_disk(True, model, ids)

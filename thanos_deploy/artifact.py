@@ -21,8 +21,9 @@ import json
 import os
 import platform
 import shutil
+import struct
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from importlib import metadata
 from pathlib import Path
@@ -159,6 +160,62 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_HEADER_BYTES_PER_TENSOR = 256  # '"model.layers.29.mlp.down_proj.weight":{"dtype":..,"shape":[..],"data_offsets":[..]},' is about 120
+
+
+class TensorWriter:
+    """Writes `count` tensors to `path` as they come, in the safetensors format: the header's room
+    is reserved up front and filled at the end (the format allows padding it with spaces), so no
+    tensor waits in memory (the calibration activations between layers, a GGUF being converted).
+    The file is written under a temporary name, fsynced and renamed when complete; on an error the
+    temporary file is removed."""
+
+    def __init__(self, path: Path, count: int):
+        self.path, self.device = path, None  # the device of the tensors (activations are read back there)
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.room = -(-(64 + _HEADER_BYTES_PER_TENSOR * count) // 8) * 8  # the data starts 8-byte aligned
+        self.header: dict = {"__metadata__": {"format": "pt"}}
+        self.size = 0
+        self.file = open(self.tmp, "wb")
+        self.file.seek(8 + self.room)
+
+    def append(self, hidden: torch.Tensor, name: str | None = None) -> None:
+        """One more tensor, written now: `name` (default: the next batch.N)."""
+        self.device = hidden.device
+        t = hidden.detach().to("cpu").contiguous()
+        data = t.view(-1).view(torch.uint8).numpy()
+        self.file.write(data)
+        name = name or f"batch.{len(self.header) - 1}"
+        self.header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.size, self.size + data.nbytes]}
+        self.size += data.nbytes
+
+    def __enter__(self) -> "TensorWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        complete = False
+        try:
+            if kind is None:
+                self._complete()
+                complete = True
+        finally:
+            if not complete:  # an error in the `with` block or while completing: leave nothing behind
+                with suppress(OSError):
+                    self.file.close()
+                self.tmp.unlink(missing_ok=True)
+
+    def _complete(self) -> None:
+        header = json.dumps(self.header, separators=(",", ":")).encode()
+        assert len(header) <= self.room, "the reserved header room is too small"
+        self.file.seek(0)
+        self.file.write(struct.pack("<Q", self.room) + header.ljust(self.room, b" "))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:

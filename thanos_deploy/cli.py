@@ -34,7 +34,6 @@ from .compare import sweep
 from .compare import table as compare_table
 from .console import RichReporter, console, table
 from .errors import PeerLost, UserError
-from .evaluate import evaluate_model
 from .exporters.onnx import export_checkpoint
 from .exporters.sparsity import check_file as onnx_weights
 from .exporters.tensorrt import build_engine_from
@@ -44,10 +43,28 @@ from .methods import METHODS, OPTION_HELP
 from .oneshot import convert, default_out, oneshot
 from .pipeline import distributed
 from .progress import SILENT
+from .recover import plan_only as recovery_plan
 from .recover import recover
-from .request import (RECOVER_EVALUATION, Calibration, CompressRequest, Evaluation, Execution, Memory, Output, Pruning, RecoverRequest, Teacher,
-                      Training, flag_of, keyword_of, options_of, storage_from_flags)
+from .recover.plan import parse_size
+from .request import (
+    RECOVER_EVALUATION,
+    Calibration,
+    CompressRequest,
+    Evaluation,
+    Execution,
+    Memory,
+    Output,
+    Pruning,
+    RecoverRequest,
+    Teacher,
+    Training,
+    flag_of,
+    keyword_of,
+    options_of,
+    storage_from_flags,
+)
 from .runtime import generate
+from .scores import evaluate_model
 
 try:  # Typer >= 0.2x runs on its own vendored click, whose exception classes are not click's
     from typer._click import exceptions as vendored_click
@@ -228,10 +245,24 @@ def compare_cmd(model: str = typer.Argument(..., help="HF folder, hub id, .gguf 
 
 @app.command("recover")
 @takes(Part("output", Output, only=("out", "overwrite", "resume")), Part("teacher", Teacher), Part("training", Training),
-       Part("evaluation", Evaluation, RECOVER_EVALUATION), Part("execution", Execution, only=("device",)), Part("memory", Memory))
+       Part("evaluation", Evaluation, RECOVER_EVALUATION), Part("execution", Execution, only=("device", "processes")), Part("memory", Memory))
 def recover_cmd(pruned: str = typer.Argument(..., help="A pruned artifact written by compress: masked, packed, shrunk or width-pruned plain"),
+                plan_only: bool = typer.Option(False, help="Print the memory plan per process and stop: nothing is loaded but the configs"),
+                device_memory: Optional[str] = typer.Option(None, help="--plan-only: plan for GPUs with this much memory each (e.g. 80GB); "
+                                                            "default: this machine"),
+                as_json: bool = typer.Option(False, "--json", help="--plan-only: print the plan as JSON"),
                 *, output, teacher, training, evaluation, execution, memory):
     """Win back quality: distil the dense model into a pruned one, every pruned weight kept pruned."""
+    if plan_only:
+        made = recovery_plan(pruned, teacher, training, memory, processes=execution.processes,
+                             device_memory=parse_size(device_memory) if device_memory else None).as_dict()
+        if as_json:
+            print(json.dumps(made))
+        else:
+            show.memory_plan(made)
+        return
+    if execution.processes != 1:
+        raise typer.Exit(distributed.launch(execution.processes, sys.argv[1:]))
     request = RecoverRequest(pruned, output, teacher, training, evaluation, execution.device, memory)
     with RichReporter() as reporter:
         result = recover(request, reporter)
@@ -247,10 +278,12 @@ def eval_cmd(
     max_windows: int = typer.Option(0, help="Evaluate at most this many windows (0: all)"),
     device: str = typer.Option(Execution.device, help="auto (CUDA when present), cpu or cuda"),
     dtype: str = typer.Option(Execution.dtype, help="auto, float32, float16 or bfloat16"),
+    offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Read one decoder layer at a time from disk "
+                                           "(default: when the model would not fit in memory)"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ):
     """Perplexity over non-overlapping windows: exp(mean next-token cross-entropy)."""
-    result = evaluate_model(model, data_source, seqlen, max_windows, device=device, dtype=dtype)
+    result = evaluate_model(model, data_source, seqlen, max_windows, device=device, dtype=dtype, offload=offload)
     if as_json:
         print(json.dumps(result))
     else:

@@ -165,6 +165,8 @@ class RichReporter(Reporter):
             self._line().update(self._task, description=f"recover {r['step']}/{r['steps'] or '?'} · {info}")
             if not console.is_terminal:
                 console.print(f"step {r['step']}: {info}", style="dim", highlight=False)
+        elif kind == "recover.plan":
+            console.print(plan_line(values), style="dim", highlight=False)
         elif kind == "recover.evaluation":
             console.print(f"{values['tokens']:>9,} tokens · {values['seconds']:6.0f} s · perplexity {values['perplexity']:.3f}", highlight=False)
 
@@ -191,10 +193,36 @@ class _RichBar(Bar):
         self.progress.update(self.task, description=text)
 
 
+def plan_line(plan: dict) -> str:
+    """recover's memory plan in one line: the total per process against the device, and its parts."""
+    s, gb = plan["setting"], 1e9
+    room = f" of {plan['capacity'] / gb:.1f}" if plan["capacity"] else ""
+    parts = ", ".join(f"{k} {v / gb:.2f}" for k, v in plan["device"].items())
+    host = f"; host memory {sum(plan['host'].values()) / gb:.1f} GB" if plan["host"] else ""
+    return f"memory plan per process ({s['processes']} on {s['device']}): {plan['total'] / gb:.1f}{room} GB ({parts} GB){host}"
+
+
+def memory_plan(plan: dict) -> None:
+    """`recover --plan-only`: the plan per process as a table, and whether it fits."""
+    s, gb = plan["setting"], 1e9
+    rows = [[k, f"{v / gb:.2f}", ""] for k, v in plan["device"].items()] + [[k, "", f"{v / gb:.2f}"] for k, v in plan["host"].items()]
+    rows.append(["total", f"{plan['total'] / gb:.2f}", f"{sum(plan['host'].values()) / gb:.2f}" if plan["host"] else ""])
+    title = (f"memory per process: {s['processes']} process(es) on {s['device']}, batch {s['batch_size']} × {s['seqlen']}"
+             + (", gradient checkpointing" if s["gradient_checkpointing"] else "") + (", CPU offload" if s["cpu_offload"] else ""))
+    console.print(table(title, ["part", "device GB", "host GB"], rows, left=("part",)))
+    if plan["capacity"]:
+        verdict = "fits" if plan["fits"] else "does not fit"
+        console.print(f"{verdict}: {plan['total'] / gb:.1f} GB of {plan['capacity'] / gb:.1f} GB per device (the plan may use 90 %)"
+                      + (f"; it fits with {' or '.join(plan['fixes'])}" if plan["fixes"] else ""), highlight=False)
+
+
 def recovery_report(result: dict, out: Path) -> None:
     log = result["log"]
     start, end = log[0]["perplexity"], log[-1]["perplexity"]
     console.print(f"perplexity {start:.3f} → {end:.3f} after {result['tokens']:,} tokens ({result['steps']} steps, {result['world']} "
                   f"process{'es' if result['world'] > 1 else ''}) in {_duration(result['seconds'])}; {result['tokens_per_s']:.0f} tokens/s, "
                   f"{100 * result['matmul_fraction']:.0f}% of this machine's {result['matmul_rate'] / 1e9:.0f} GFLOP/s float32 matmul rate", highlight=False)
+    if shards := result.get("shard_bytes"):
+        console.print(f"held by each process (its shards): parameters {shards['parameters'] / 1e6:.1f} MB, gradients {shards['gradients'] / 1e6:.1f} MB, "
+                      f"optimizer states {shards['optimizer'] / 1e6:.1f} MB", highlight=False)
     console.print(f"saved to {out} (recovery.json, recovery.png)")

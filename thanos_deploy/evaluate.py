@@ -7,8 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import data, loading, models
-from .errors import UserError, at_least
+from . import data, models
 
 
 @torch.no_grad()
@@ -17,31 +16,26 @@ def perplexity(model, windows: torch.Tensor, *, device=None, batch_tokens: int =
     device = torch.device(device) if device is not None else next(model.parameters()).device
     home = next(model.parameters()).device
     model.to(device)
-    nll, count = 0.0, 0
     try:
-        for batch in windows.split(data.batch_size(windows.shape[1], batch_tokens)):
-            batch = batch.to(device)
-            nll += next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
-            count += batch[:, 1:].numel()
+        return windows_perplexity(lambda batch: model(input_ids=batch.to(device), use_cache=False).logits, windows, batch_tokens=batch_tokens)
     finally:
         model.to(home)
-    return _result(nll, count, windows)
+
+
+@torch.no_grad()
+def windows_perplexity(logits_of, windows: torch.Tensor, *, batch_tokens: int = 2048) -> dict:
+    """Perplexity from `logits_of(batch [n, seq]) -> logits [n, seq, vocab]` over the windows, in
+    batches of about `batch_tokens` tokens: what every model, backend and trainer is scored by."""
+    nll = 0.0
+    for batch in windows.split(data.batch_size(windows.shape[1], batch_tokens)):
+        nll += next_token_nll(logits_of(batch), batch)
+    return _result(nll, windows[:, 1:].numel(), windows)
 
 
 def evaluate(model, tokenizer, source: str, seqlen: int, max_windows: int, device=None) -> dict:
     """Perplexity on the evaluation split of `source` (windows capped at the model's context)."""
     windows = data.windows(data.evaluation_tokens(source, tokenizer), models.context_length(model, seqlen), max_windows)
     return {"data": source, **perplexity(model, windows, device=device)}
-
-
-def evaluate_model(model: str, source: str = "austen", seqlen: int = 512, max_windows: int = 0, *, device="auto", dtype: str = "auto") -> dict:
-    """`eval`: load any model or checkpoint and measure its perplexity (max_windows 0: every window)."""
-    if max_windows < 0:
-        raise UserError(f"--max-windows must be 0 (all) or positive, got {max_windows}")
-    at_least(1, seqlen=seqlen)
-    dev = loading.pick_device(device)
-    net, tokenizer = loading.load(model, dtype=dtype)
-    return {"model": model, **evaluate(net, tokenizer, source, seqlen, max_windows, dev)}
 
 
 def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
@@ -57,7 +51,4 @@ def _result(nll: float, count: int, windows: torch.Tensor) -> dict:
 def backend_perplexity(backend, windows: torch.Tensor, *, batch_tokens: int = 2048) -> dict:
     """The same perplexity through any runtime backend (torch, ONNX Runtime, TensorRT): the logits
     of a prefill over each window."""
-    nll = 0.0
-    for batch in windows.split(data.batch_size(windows.shape[1], batch_tokens)):
-        nll += next_token_nll(backend.prefill(batch)[0], batch)
-    return _result(nll, windows[:, 1:].numel(), windows)
+    return windows_perplexity(lambda batch: backend.prefill(batch)[0], windows, batch_tokens=batch_tokens)

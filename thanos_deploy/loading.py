@@ -16,16 +16,19 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGUFReader, dequantize
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
+from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from . import hub
-from .artifact import MANIFEST, WEIGHTS, Manifest
+from .artifact import MANIFEST, WEIGHTS, Manifest, TensorWriter, legacy_rope_keys
 from .compact.linear import CompactLinear
 from .compact.pack import unpack
 from .errors import UserError
@@ -77,29 +80,60 @@ def _smollm2_gguf() -> Path:
 
 
 def _converted_gguf(gguf: Path, name: str) -> Path:
-    """Dequantise a GGUF checkpoint once into a cached safetensors folder (atomic rename)."""
+    """Dequantise a GGUF checkpoint once into a cached safetensors folder, tensor by tensor: the
+    `gguf` package's reader (memory-mapped) and dequantisers, transformers' own name mapping and
+    tensor processors (the same ones its GGUF loader applies), each tensor written as it comes
+    (artifact.TensorWriter). Memory holds about two float32 tensors, never the model; the folder
+    appears in one rename when complete."""
     target = hub.cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise UserError(f"cannot read the GGUF file '{gguf}' ({_first_line(e)}): it is damaged or not a GGUF model; download it again") from None
-    config = loaded.config
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)
+        reader = GGUFReader(gguf)
+        architecture = read_field(reader, "general.architecture")[0]
+    except (ValueError, OSError, KeyError, RuntimeError, IndexError) as e:
+        raise UserError(f"cannot read the GGUF file '{gguf}' ({_first_line(e)}): it is damaged, or a model transformers cannot map; "
+                        "pass a Hugging Face folder or another GGUF") from None
+    if getattr(config, "is_encoder_decoder", False) or config.model_type not in _causal_lm_types():
+        raise UserError(f"unsupported architecture '{config.model_type}' in '{gguf}': thanos-deploy prunes decoder-only causal language models")
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained otherwise
-    fresh = type(loaded)(config)
-    fresh.load_state_dict(loaded.state_dict(), strict=True)
+        del config.quantization_config  # the converted folder is plain float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    names = get_gguf_hf_weights_map(model, processor)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        written = set()
+        with TensorWriter(tmp / "model.safetensors", len(reader.tensors)) as out:
+            for tensor in reader.tensors:
+                done = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name, tensor_key_mapping=names,
+                                         parsed_parameters=parsed)
+                if done.name in names:
+                    out.append(torch.from_numpy(np.ascontiguousarray(done.weights, dtype=np.float32)), name=names[done.name])
+                    written.add(names[done.name])
+        _check_complete(model, written, gguf)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        legacy_rope_keys(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _check_complete(model: nn.Module, written: set[str], gguf: Path) -> None:
+    """Every tensor the model needs came from the GGUF (a tied head shares the embeddings')."""
+    head = model.get_output_embeddings()
+    tied = {f"{n}.weight" for n, m in model.named_modules() if m is head} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(model.state_dict()) - written - tied)
+    if missing:
+        raise UserError(f"the GGUF file '{gguf}' lacks {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}: "
+                        "transformers cannot map this file to its architecture")
 
 
 def load_config(spec: str):

@@ -331,7 +331,10 @@ class Teacher:
 class Memory:
     """How `recover` trades time for memory."""
 
-    gradient_checkpointing: bool = knob(False, "Recompute activations in the backward pass: less memory, about a third more time")
+    gradient_checkpointing: bool = knob(False, "Recompute activations in the backward pass, a decoder layer at a time: less memory, "
+                                               "about a third more time")
+    cpu_offload: bool = knob(False, "GPU runs: keep the parameter, gradient and optimizer shards in host memory between uses "
+                                    "(fewer GPUs for a large model, slower)")
 
 
 RECOVER_EVALUATION = Evaluation(windows=8)

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from thanos_deploy import loading, oneshot
-from thanos_deploy.evaluate import evaluate_model
 from thanos_deploy.measure import markdown_table, matmul_rate
 from thanos_deploy.plots import recovery_curves
 from thanos_deploy.progress import Reporter
 from thanos_deploy.recover import recover
 from thanos_deploy.request import DEFAULT_TOKENS, RECOVER_EVALUATION, Evaluation, Output, RecoverRequest, Training, prepare
+from thanos_deploy.scores import evaluate_model
 
 RUNS = {
     "thanos-2:4": ("2:4", "thanos", {"alpha": 0.0}),

@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from thanos_deploy import loading
+from thanos_deploy import loading, plots
 from thanos_deploy.artifact import replacing
-from thanos_deploy import plots
 from thanos_deploy.compare import Run, compare, describe, document, expand_grid, table
 from thanos_deploy.console import RichReporter, console
 from thanos_deploy.errors import UserError

@@ -11,10 +11,6 @@ so the same bytes serve both: nothing more is written to make a run resumable.
 from __future__ import annotations
 
 import ctypes
-import json
-import os
-import struct
-from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -22,10 +18,9 @@ from safetensors import safe_open
 from torch import nn
 
 from .. import models
+from ..artifact import TensorWriter
 from .offload import fits_in_memory
 
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-_HEADER_BYTES_PER_BATCH = 256  # '"batch.N":{"dtype":..,"shape":[..],"data_offsets":[..]},' is about 100
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
@@ -48,54 +43,8 @@ class OnDisk:
             return f.get_tensor(f"batch.{j}").to(self.device)
 
 
-class Writer:
-    """Writes the batches of one layer boundary to `path` as they come, in the safetensors format:
-    the header's room is reserved up front for `count` batches and filled at the end (the format
-    allows padding it with spaces), so no batch waits in memory. The file is written under a
-    temporary name, fsynced and renamed when complete; on an error the temporary file is removed."""
-
-    def __init__(self, path: Path, count: int):
-        self.path, self.device = path, None  # the device of the batches, read back there
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self.room = -(-(64 + _HEADER_BYTES_PER_BATCH * count) // 8) * 8  # the data starts 8-byte aligned
-        self.header: dict = {"__metadata__": {"format": "pt"}}
-        self.size = 0
-        self.file = open(self.tmp, "wb")
-        self.file.seek(8 + self.room)
-
-    def append(self, hidden: torch.Tensor) -> None:
-        self.device = hidden.device
-        t = hidden.detach().to("cpu").contiguous()
-        data = t.view(-1).view(torch.uint8).numpy()
-        self.file.write(data)
-        name = f"batch.{len(self.header) - 1}"
-        self.header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.size, self.size + data.nbytes]}
-        self.size += data.nbytes
-
-    def __enter__(self) -> "Writer":
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        complete = False
-        try:
-            if kind is None:
-                self._complete()
-                complete = True
-        finally:
-            if not complete:  # an error in the `with` block or while completing: leave nothing behind
-                with suppress(OSError):
-                    self.file.close()
-                self.tmp.unlink(missing_ok=True)
-
-    def _complete(self) -> None:
-        header = json.dumps(self.header, separators=(",", ":")).encode()
-        assert len(header) <= self.room, "the reserved header room is too small"
-        self.file.seek(0)
-        self.file.write(struct.pack("<Q", self.room) + header.ljust(self.room, b" "))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+class Writer(TensorWriter):
+    """The batches of one layer boundary, written as they come (artifact.TensorWriter)."""
 
     def batches(self) -> OnDisk:
         """What was written, to be read back batch by batch (after the `with` block)."""

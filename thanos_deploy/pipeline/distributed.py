@@ -13,6 +13,10 @@ Rank 0 writes the checkpoint. An error on any rank reaches every rank at the nex
 (`together`) and is raised there with the same message; a rank that dies makes the others' next
 collective fail, and every collective has a timeout (THANOS_DEPLOY_TIMEOUT seconds, default 1800),
 so no rank waits forever.
+
+`recover` trains sharded through the same World (`shard`: PyTorch's FSDP2, `fully_shard` per decoder
+layer and at the root; `save_sharded` / `load_sharded`: torch.distributed.checkpoint; `full_state`:
+the whole model gathered on rank 0). This module is the one door to torch.distributed.
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 
 from .. import loading
 from ..errors import PeerLost, UserError
@@ -42,6 +50,7 @@ TIMEOUT_VARIABLE = "THANOS_DEPLOY_TIMEOUT"
 LAUNCHED = "THANOS_DEPLOY_LAUNCHED"  # set by `launch`: the launcher reports a lost process, the ranks do not
 LOST_EXIT = 3  # the exit code of a process whose peer was lost (2 is bad input)
 CHUNK_BYTES = 64 << 20  # statistics are gathered in pieces of at most this size per rank
+TRANSPORT_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out", "NCCL error")
 
 
 @dataclass
@@ -82,6 +91,18 @@ class World:
             raise PeerLost(_lost(self, e)) from None
         finally:
             self.seconds += time.perf_counter() - t0
+
+    @contextmanager
+    def sharded_work(self):
+        """Around work whose collectives run inside the model (a sharded forward and backward): an
+        error that says the transport to another rank broke is a lost peer, as in `_exchange`;
+        any other error stays what it is."""
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as e:
+            if self.single or not (isinstance(e, dist.DistError) or any(sign in str(e) for sign in TRANSPORT_FAILURES)):
+                raise
+            raise PeerLost(_lost(self, e)) from None
 
     def gather(self, value) -> list:
         """Every rank's (picklable) `value`, in rank order, on every rank."""
@@ -168,9 +189,55 @@ class World:
                 result = work()
         return self.broadcast(result)
 
-    def parallel(self, model: nn.Module) -> nn.Module:
-        """`model` with its gradients averaged over the ranks after every backward pass (DDP)."""
-        return model if self.single else DistributedDataParallel(model)
+    # -- sharded training (FSDP2) ----------------------------------------------------------------
+
+    def shard(self, model: nn.Module, units, *, bf16: bool = False, offload: bool = False, reshard_root: bool = True) -> nn.Module:
+        """`model` sharded over the ranks with FSDP2: each of `units` (the decoder layers) as its
+        own group, the rest at the root. Parameters, gradients and optimizer states then live in
+        shards of about 1/size each; a unit's parameters are gathered only while it computes, and
+        gradients are averaged over the ranks. `bf16`: compute in bfloat16 on float32 masters;
+        `offload`: shards held in host memory between uses. Needs a process group, even alone
+        (start(..., group=True))."""
+        mesh = init_device_mesh(self.device.type, (self.size,))
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        options = dict(mesh=mesh, mp_policy=precision, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+        for unit in units:
+            fully_shard(unit, **options)
+        return fully_shard(model, reshard_after_forward=reshard_root, **options)
+
+    @staticmethod
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a sharded tensor (the tensor itself when it is not sharded)."""
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    @contextmanager
+    def gathered(self, model: nn.Module):
+        """A sharded model's root parameters whole for the block (e.g. a frozen teacher's head)."""
+        model.unshard()
+        try:
+            yield model
+        finally:
+            model.reshard()
+
+    def full_state(self, model: nn.Module) -> dict:
+        """The whole state of a sharded model, on the CPU of rank 0 ({} on the others); every rank calls it."""
+        with self._exchange():
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_sharded(self, model: nn.Module, optimizer, folder) -> None:
+        """Each rank writes its shards of the model and optimizer states into `folder` (a checkpoint
+        any number of ranks can load); complete once rank 0 has written its `.metadata`."""
+        with self._exchange():
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+    def load_sharded(self, model: nn.Module, optimizer, folder) -> None:
+        """The states `save_sharded` wrote, resharded for this number of ranks."""
+        with self._exchange():
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+            dcp.load(state, checkpoint_id=folder)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     @contextmanager
     def together(self):
@@ -208,15 +275,19 @@ def check_same(world: World, values: dict) -> None:
 
 def _lost(world: World, error: Exception) -> str:
     return (f"process {world.rank} of {world.size}: another process of this run stopped ({str(error).splitlines()[0][:120]}); "
-            "every process stops. The finished layers are kept: run the same command again with --resume")
+            "every process stops. What was saved is kept: run the same command again with --resume")
 
 
-def start(device_name: str = "auto") -> World:
+def start(device_name: str = "auto", *, group: bool = False) -> World:
     """This process's World: World() alone, or its place in torchrun's job (WORLD_SIZE > 1), the
-    process group started with the collectives' timeout and, on CUDA, the device LOCAL_RANK."""
+    process group started with the collectives' timeout and, on CUDA, the device LOCAL_RANK.
+    `group`: a process group even alone (FSDP2 needs one; a one-rank group needs no network)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     device = loading.pick_device(device_name)
     if size == 1:
+        if group and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    **({"device_id": device} if device.type == "cuda" else {}))
         return World(device=device)
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -246,7 +317,7 @@ def finish(world: World, *, together: bool = True) -> None:
     """Leave the process group; `together`: every process first waits for the others (process 0
     writes last). A process that left alone while the others were still at work was seen to abort
     in gloo's teardown."""
-    if not world.single and dist.is_initialized():
+    if dist.is_initialized():
         try:
             if together:
                 world.gather(None)
@@ -287,7 +358,7 @@ def launch(nproc: int, argv: list[str], *, program: str = "thanos-deploy") -> in
         rank, first = min(((r, f) for r, f in e.failures.items() if f.exitcode != LOST_EXIT), key=lambda item: item[1].timestamp,
                           default=min(e.failures.items(), key=lambda item: item[1].timestamp))
         how = f"was killed by {signal.Signals(-first.exitcode).name}" if first.exitcode < 0 else f"stopped with exit code {first.exitcode}"
-        print(f"error: process {rank} of {nproc} {how}; every process stopped. The finished layers are kept: "
+        print(f"error: process {rank} of {nproc} {how}; every process stopped. What was saved is kept: "
               f"resume with: {resume_command(program)}", file=sys.stderr)
         return 1
     return 0

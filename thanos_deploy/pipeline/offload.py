@@ -10,12 +10,15 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 
 from .. import loading, models
 from ..artifact import INDEX, Manifest
@@ -23,9 +26,11 @@ from ..errors import UserError
 
 
 class ShardedWeights:
-    """Tensor name -> shard file of a safetensors checkpoint; reads a module's tensors only."""
+    """Tensor name -> shard file of a safetensors checkpoint; reads a module's tensors only. `renames`
+    ((pattern, replacement) pairs, in order) turn the names on disk into the model's, as
+    transformers renames some families' keys when it loads them (GPT-NeoX's embed_out → lm_head)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, renames: list[tuple[str, str]] = ()):
         self.folder = folder
         index = folder / INDEX
         try:
@@ -40,6 +45,13 @@ class ShardedWeights:
             raise UserError(f"cannot read the safetensors of '{folder}' ({_first_line(e)}): the checkpoint is damaged, re-create it") from None
         if not self.where:
             raise UserError(f"'{folder}' has no safetensors weights: --offload reads safetensors checkpoints only")
+        self.stored = {name: name for name in self.where}  # the model's name -> the name on disk
+        for disk in list(self.where):
+            name = disk
+            for pattern, replacement in renames:
+                name = re.sub(pattern, replacement, name)
+            if name != disk:
+                self.where[name], self.stored[name] = self.where.pop(disk), self.stored.pop(disk)
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.where.values()))
@@ -60,7 +72,7 @@ class ShardedWeights:
             for path, names in by_file.items():
                 with safe_open(path, "pt") as f:
                     for name in names:
-                        tensor = f.get_tensor(prefix + name)
+                        tensor = f.get_tensor(self.stored[prefix + name])
                         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         except (SafetensorError, OSError) as e:
             raise UserError(f"cannot read '{path}' ({_first_line(e)}): the file is damaged, re-create the checkpoint") from None
@@ -85,7 +97,9 @@ def load_skeleton(spec: str, dtype: str = "auto"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.eval()
     layers = models.decoder_layers(model)  # an unsupported architecture fails here, before any read
-    weights = ShardedWeights(where)
+    renames = [(source, target) for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)
+               for source, target in zip(t.source_patterns, t.target_patterns * len(t.source_patterns))]
+    weights = ShardedWeights(where, renames)
     inside = {id(m) for m in layers.modules()}
     head, tied = model.get_output_embeddings(), getattr(config, "tie_word_embeddings", False)
     for name, module in model.named_modules():
@@ -112,7 +126,7 @@ def _load_own(weights: ShardedWeights, module: nn.Module, name: str, dtype) -> N
         if not weights.has(prefix + key):
             raise UserError(f"'{weights.folder}' lacks the tensor {prefix + key}: the checkpoint is incomplete, re-create it")
         with safe_open(weights.where[prefix + key], "pt") as f:
-            state[key] = f.get_tensor(prefix + key).to(dtype if value.is_floating_point() else value.dtype)
+            state[key] = f.get_tensor(weights.stored[prefix + key]).to(dtype if value.is_floating_point() else value.dtype)
     for key, tensor in state.items():
         if key in module._parameters:
             module._parameters[key] = nn.Parameter(tensor, requires_grad=False)
@@ -121,11 +135,22 @@ def _load_own(weights: ShardedWeights, module: nn.Module, name: str, dtype) -> N
 
 
 def _init_non_persistent(model: nn.Module, module: nn.Module) -> None:
-    """Non-persistent buffers are not in the checkpoint: the model's initialiser computes them."""
-    if any(b is not None and b.is_meta for b in module._buffers.values()):
-        for key in module._non_persistent_buffers_set:
-            module._buffers[key] = torch.empty_like(module._buffers[key], device="cpu")
+    """Non-persistent buffers are not in the checkpoint: the model's initialiser computes them. The
+    tensors already read are put aside while it runs (some families' initialisers reset a module's
+    weights along with its buffers) and put back after."""
+    if not any(b is not None and b.is_meta for b in module._buffers.values()):
+        return
+    for key in module._non_persistent_buffers_set:
+        module._buffers[key] = torch.empty_like(module._buffers[key], device="cpu")
+    read = [(m, store, key, t) for m in module.modules() for store in (m._parameters, m._buffers) for key, t in store.items()
+            if t is not None and not t.is_meta and not (m is module and key in module._non_persistent_buffers_set)]
+    for _, store, key, t in read:
+        store[key] = t.to("meta") if not isinstance(t, nn.Parameter) else nn.Parameter(t.to("meta"), requires_grad=t.requires_grad)
+    try:
         model._init_weights(module)
+    finally:
+        for _, store, key, t in read:
+            store[key] = t
 
 
 def _config_dtype(config) -> torch.dtype:
@@ -159,11 +184,11 @@ def wants_offload(spec: str, flag: bool | None, *, compatible: bool) -> bool:
 
 def fits_in_memory(nbytes: int) -> bool:
     """Whether `nbytes` take at most 80 % of the memory available now (if unknown: they fit)."""
-    available = _available_memory()
+    available = available_memory()
     return available is None or nbytes <= 0.8 * available
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

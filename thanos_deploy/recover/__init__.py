@@ -2,12 +2,13 @@
 
 The student is any artifact `compress` writes (masked, packed, shrunk or plain) and comes back in
 the same storage: N:M stays N:M (checked again when packed), outlier rows stay dense, shrunk and
-plain models keep their shapes. Three parts: checks.py loads and checks the student, teacher and
-data; trainer.py trains (one process's share of every step); writing.py writes the result.
+plain models keep their shapes. Four parts: checks.py loads and checks the student, teacher and
+data; trainer.py trains, the student sharded over 1…N processes with FSDP2; loss.py the chunked
+distillation loss; writing.py writes the result, gathered on process 0.
 
-Runs are reproducible and resumable: the state is checkpointed in the staging folder every
-evaluation (staging.py), and a run resumed after a kill writes the same bytes as one that never
-stopped. Under torchrun every process takes its share of each global batch.
+Runs are reproducible and resumable: the sharded state is checkpointed in the staging folder every
+evaluation (staging.py, torch.distributed.checkpoint), and a run resumed after a kill writes the
+same bytes as one that never stopped (on another number of processes it continues, to rounding).
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..artifact import check_output, versions
+import torch
+
+from .. import loading
+from ..artifact import Manifest, check_output, versions
 from ..errors import UserError
 from ..pipeline import distributed, resume
 from ..progress import SILENT, Reporter
-from ..request import RecoverRequest
+from ..request import Memory, RecoverRequest, Teacher, Training
 from ..staging import PartialFolder, guard, partial_folder
 from . import checks
-from .trainer import Trainer, distillation_loss, learning_rate, train  # noqa: F401  (the API of recover)
+from . import plan as memory
+from .trainer import Trainer, learning_rate, train  # noqa: F401  (the API of recover)
 from .writing import write
 
 
@@ -32,7 +37,7 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
     student's storage; returns the run's log and summary (on process 0; the others return theirs
     without writing)."""
     started = time.perf_counter()
-    world = distributed.start(request.device)  # one process, or one of torchrun's (gloo on CPU, NCCL on CUDA)
+    world = distributed.start(request.device, group=True)  # one process, or one of torchrun's (gloo on CPU, NCCL on CUDA)
     try:
         result = _recover(request, world, reporter if world.rank == 0 else SILENT)
     except BaseException:
@@ -45,27 +50,54 @@ def recover(request: RecoverRequest, reporter: Reporter = SILENT) -> dict:
 def _recover(request: RecoverRequest, world: distributed.World, reporter: Reporter) -> dict:
     if request.training.batch_size % world.size:
         raise UserError(f"--batch-size {request.training.batch_size} does not split over {world.size} processes: use a multiple of {world.size}")
+    if request.memory.cpu_offload and world.device.type != "cuda":
+        raise UserError("--cpu-offload keeps the shards in host memory between uses on a GPU; this run is on the CPU already: drop it")
     out = check_output(request.output.out, request.output.overwrite)
-    from_artifact = checks.load(request, world.device, reporter)
-    fingerprint = _fingerprint(request, from_artifact, world)
+    setup = checks.load(request, world.device, reporter)
+    made = memory.check(memory.shape_of(setup.student), memory.shape_of(setup.teacher), _setting(request, setup, world),
+                        memory.capacity(world.device, world.size))
+    reporter.record("recover.plan", made.as_dict())
+    fingerprint = _fingerprint(request, setup)
     with world.together():
         run = _open(request, fingerprint) if world.rank == 0 else None
     progress = world.broadcast(run.progress if run else None)
     with guard(run):
-        trainer = Trainer(from_artifact, request.training, world, request.memory.gradient_checkpointing)
+        trainer = Trainer(setup, request.training, world, gradient_checkpointing=request.memory.gradient_checkpointing,
+                          cpu_offload=request.memory.cpu_offload)
         if progress["done"]:
             trainer.load(partial_folder(out), progress["done"])
-        result = train(trainer, run, progress, reporter)
-        if request.memory.gradient_checkpointing:
-            trainer.net.activation_checkpointing_disable()
+        with world.sharded_work():
+            result = {**train(trainer, run, partial_folder(out), progress, reporter), "plan": made.as_dict()}
+            trained = trainer.full_student()
 
         def finish() -> None:
             with reporter.status(f"saving to {out}"):
-                write(trainer, request, result)
+                write(trained, setup, request, result)
             run.close(discard=True)
 
         world.first(finish)
     return result
+
+
+def plan_only(student: str, teacher: Teacher, training: Training, memory_options: Memory, *, processes: int = 1,
+              device_memory: float | None = None) -> memory.Plan:
+    """The memory plan of a run, from the configs alone (nothing loaded, nothing started): for the
+    GPUs `device_memory` describes (bytes each), else for this machine."""
+    manifest = Manifest.read(student) if Path(student).is_dir() else None
+    source = teacher.model or (manifest.source_model if manifest else None)
+    student_shape = memory.shape_from_config(student)
+    teacher_shape = memory.shape_from_config(source) if source else student_shape
+    device = "cuda" if device_memory else loading.pick_device("auto").type
+    t_bytes = 2 if (teacher.dtype == "auto" and device == "cuda") or teacher.dtype in ("bfloat16", "float16") else 4
+    setting = memory.Setting(processes, device, training.batch_size, training.seqlen, memory_options.gradient_checkpointing,
+                             memory_options.cpu_offload, t_bytes, teacher_apart=teacher.device is not None and teacher.device != device)
+    return memory.planned(student_shape, teacher_shape, setting, device_memory or memory.capacity(loading.pick_device("auto"), processes))
+
+
+def _setting(request: RecoverRequest, setup: checks.Setup, world: distributed.World) -> memory.Setting:
+    return memory.Setting(world.size, world.device.type, request.training.batch_size, request.training.seqlen,
+                          request.memory.gradient_checkpointing, request.memory.cpu_offload,
+                          torch.finfo(next(setup.teacher.parameters()).dtype).bits // 8, setup.teacher_device != world.device, setup.chunked)
 
 
 def _open(request: RecoverRequest, fingerprint: dict) -> PartialFolder:
@@ -80,10 +112,11 @@ def _open(request: RecoverRequest, fingerprint: dict) -> PartialFolder:
     return run
 
 
-def _fingerprint(request: RecoverRequest, setup: checks.Setup, world: distributed.World) -> dict:
-    """Everything that decides the recovered weights: a resumed run must match it."""
+def _fingerprint(request: RecoverRequest, setup: checks.Setup) -> dict:
+    """Everything that decides the recovered weights: a resumed run must match it (the number of
+    processes may differ: the sharded checkpoint is resharded)."""
     student = request.student
     return {"student": str(Path(student).expanduser().resolve()), **resume.model_identity(Path(student).expanduser()),
             "student_files": setup.manifest.files, "teacher": setup.teacher_name, "teacher_dtype": setup.teacher_dtype,
-            "teacher_device": setup.teacher_device.type, **asdict(request.training), **asdict(request.evaluation), "world": world.size,
-            "device": world.device.type, "versions": versions()}
+            "teacher_device": setup.teacher_device.type, **asdict(request.training), **asdict(request.evaluation),
+            "device": loading.pick_device(request.device).type, "versions": versions()}

@@ -30,6 +30,7 @@ class Setup:
     teacher_dtype: str
     documents: list[str]
     eval_windows: torch.Tensor
+    chunked: bool  # the loss may be multiplied out a chunk of positions at a time (head_is_last_layer)
 
 
 def load(request: RecoverRequest, device: torch.device, reporter: Reporter) -> Setup:
@@ -54,8 +55,9 @@ def load(request: RecoverRequest, device: torch.device, reporter: Reporter) -> S
     with reporter.status(f"loading teacher {teacher}"):
         teacher_net, teacher_tokenizer = loading.load(teacher, dtype=t_dtype)
     check_pair(student, tokenizer, teacher_net, teacher_tokenizer, teacher)
+    chunked = head_is_last_layer(student) and head_is_last_layer(teacher_net)
     teacher_net.to(t_device).eval().requires_grad_(False)
-    return Setup(student, tokenizer, manifest, teacher_net, teacher, t_device, t_dtype, documents, windows)
+    return Setup(student, tokenizer, manifest, teacher_net, teacher, t_device, t_dtype, documents, windows, chunked)
 
 
 def load_student(student: str) -> tuple[nn.Module, object, Manifest]:
@@ -87,3 +89,13 @@ def check_pair(student: nn.Module, student_tokenizer, teacher: nn.Module, teache
         raise UserError(f"teacher '{teacher_name}' has a vocabulary of {t_vocab} tokens, the student {s_vocab}: distil from the dense model the student was pruned from")
     if student_tokenizer is not None and teacher_tokenizer is not None and student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise UserError(f"teacher '{teacher_name}' has a different tokenizer from the student's: distil from the dense model the student was pruned from")
+
+
+def head_is_last_layer(model: nn.Module) -> bool:
+    """Whether the model's logits are its output embedding applied to the last hidden state, so the
+    loss may multiply them out a chunk at a time (not so where a family soft-caps or scales them)."""
+    ids = torch.arange(8, device=next(model.parameters()).device).unsqueeze(0) % model.config.vocab_size
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        return torch.allclose(model.get_output_embeddings()(hidden).to(logits.dtype), logits, rtol=1e-4, atol=1e-5)

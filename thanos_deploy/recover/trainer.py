@@ -1,40 +1,48 @@
-"""The distillation trainer: one process's share of every step, the pruned weights held at zero.
+"""The distillation trainer: the student sharded over the processes with FSDP2, pruned weights held
+at zero on every shard.
+
+One code path for 1…N processes and GPUs (World.shard): the student's parameters, gradients and
+AdamW moments live in shards, one decoder layer gathered at a time; float32 masters, bfloat16
+compute on CUDA; `cpu_offload` keeps the shards in host memory; activation checkpointing per
+decoder layer on request. The teacher is sharded too (forward only), or placed whole on
+`--teacher-device`.
 
 What trains is what is left: every weight of a decoder linear that is exactly zero in the student
-has its gradient masked, so AdamW never moves it, and is reset to zero after each step. The loss is
-T²·KL(teacher ‖ student) over next-token distributions at temperature T, plus `ce_weight` times the
-cross-entropy on the data; the teacher's logits are computed for each batch and never stored.
+has its gradient masked, so AdamW never moves it, and is reset to zero after each step. The masks
+are taken from each process's own shards (whole rows: an N:M pattern along the inputs stays whole).
 
 Step s trains on windows drawn with (seed, s) from the calibration split and its learning rate
-depends on s only, so a run resumed from a checkpoint (the parameters and AdamW moments, saved in
-the staging folder) writes the same bytes as one that never stopped. With several processes each
-takes its share of every global batch and the gradients are averaged (World.parallel).
+depends on s only; the sharded state is checkpointed with torch.distributed.checkpoint, so a run
+resumed after a kill writes the same bytes as one that never stopped (same number of processes),
+and can resume on another number.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from .. import data, models
 from ..compact.linear import CompactLinear
 from ..errors import UserError
-from ..evaluate import perplexity
+from ..evaluate import windows_perplexity
 from ..measure import linear_macs, matmul_rate
 from ..pipeline.distributed import World
 from ..progress import Reporter
 from ..request import Training
-from ..staging import PartialFolder, reading
+from ..staging import PartialFolder
+from . import loss
 from .checks import Setup
 
 STEPS_PER_DRAW = 64  # windows for this many steps are drawn per pass over the calibration text
-STATE, OPTIMIZER = "student-{:06d}.safetensors", "optimizer-{:06d}.safetensors"  # by step: progress.json names the pair
+STATE = "state-{:06d}"  # the sharded checkpoint after a step, a folder written by every process
 
 
 def learning_rate(step: int, training: Training) -> float:
@@ -50,32 +58,16 @@ def learning_rate(step: int, training: Training) -> float:
     return training.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0))))
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, temperature: float, ce_weight: float):
-    """(loss, kl, ce): T²·KL(softmax(t/T) ‖ softmax(s/T)) per position, plus ce_weight·CE(s, next token)."""
-    s = student.float().flatten(0, 1)
-    t = teacher.float().flatten(0, 1)
-    if temperature != 1.0:
-        s, t = s / temperature, t / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean") * temperature**2
-    if not ce_weight:
-        return kl, kl.detach(), None
-    ce = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    return kl + ce_weight * ce, kl.detach(), ce.detach()
-
-
-def frozen_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Masks (True = trains) of every decoder-linear weight that holds zeros: what pruning removed."""
-    masks = {}
+def frozen_zeros(model: nn.Module) -> list[str]:
+    """Names of every decoder-linear weight that holds zeros: what pruning removed."""
+    names = []
     for i, layer in enumerate(models.decoder_layers(model)):
         prefix = models.layer_prefix(model, i)
         for name, module in layer.named_modules():
-            if not isinstance(module, (nn.Linear, CompactLinear)):
-                continue
-            for attr in ("weight", "dense_weight"):
-                weight = getattr(module, attr, None)
-                if weight is not None and bool((weight == 0).any()):
-                    masks[f"{prefix}.{name}.{attr}"] = weight != 0
-    return masks
+            if isinstance(module, (nn.Linear, CompactLinear)):
+                names += [f"{prefix}.{name}.{attr}" for attr in ("weight", "dense_weight")
+                          if getattr(module, attr, None) is not None and bool((getattr(module, attr) == 0).any())]
+    return names
 
 
 class Windows:
@@ -94,88 +86,147 @@ class Windows:
         return self.drawn[draw][index * t.batch_size:(index + 1) * t.batch_size]
 
 
-class Trainer:
-    """The student in training on this process, its optimizer and masks, the teacher beside it."""
+class Distiller(nn.Module):
+    """The student with the loss inside its forward: FSDP2 gathers the root group (embeddings,
+    final norm, head) for the root's forward only, and the chunked loss multiplies the head out
+    there. Without teacher outputs it returns the logits (evaluation)."""
 
-    def __init__(self, setup: Setup, training: Training, world: World, gradient_checkpointing: bool):
+    def __init__(self, student: nn.Module, training: Training, chunk: int | None):
+        super().__init__()
+        self.student, self.settings, self.chunk = student, training, chunk  # (nn.Module's own `training` is its mode)
+
+    def forward(self, ids: torch.Tensor, teacher_out: torch.Tensor | None = None, teacher_head: nn.Module | None = None):
+        t = self.settings
+        if teacher_out is None:
+            return self.student(input_ids=ids, use_cache=False).logits
+        if self.chunk is None:
+            return loss.whole(self.student(input_ids=ids, use_cache=False).logits, teacher_out, ids, t.temperature, t.ce_weight)
+        hidden = self.student.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        return loss.chunked(hidden, self.student.get_output_embeddings(), teacher_out, teacher_head, ids, t.temperature, t.ce_weight, self.chunk)
+
+
+class TeacherView(nn.Module):
+    """The teacher's forward as the loss needs it: the last hidden state (chunked loss) or logits."""
+
+    def __init__(self, teacher: nn.Module, hidden: bool):
+        super().__init__()
+        self.teacher, self.hidden = teacher, hidden
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.hidden:
+            return self.teacher.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        return self.teacher(input_ids=ids, use_cache=False).logits
+
+
+class Trainer:
+    """This process's share of the training: the sharded student, its optimizer and masks, the teacher."""
+
+    def __init__(self, setup: Setup, training: Training, world: World, *, gradient_checkpointing: bool = False, cpu_offload: bool = False):
         self.setup, self.training, self.world, self.device = setup, training, world, world.device
-        self.net = setup.student.to(self.device).train().requires_grad_(True)
+        student, teacher = setup.student, setup.teacher
+        exact = setup.chunked
+        self.flops_per_token = 6 * linear_macs(student, False) + 2 * linear_macs(teacher, False)
+        zeros = frozen_zeros(student)
         if gradient_checkpointing:
-            self.net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.masks = {name: mask.to(self.device) for name, mask in frozen_zeros(self.net).items()}
-        self.params = dict(self.net.named_parameters())  # tied weights appear once
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.distiller = Distiller(student.to(self.device).train().requires_grad_(True), training,
+                                   loss.chunk_positions(student.config.vocab_size) if exact else None)
+        world.shard(self.distiller, models.decoder_layers(student), bf16=self.device.type == "cuda", offload=cpu_offload)
+        self.teacher = TeacherView(teacher, hidden=exact)
+        self.teacher_sharded = setup.teacher_device == self.device
+        if self.teacher_sharded:  # frozen: the root too gives its parameters back after each forward
+            world.shard(self.teacher, models.decoder_layers(teacher), reshard_root=True)
+            self.teacher_head = teacher.get_output_embeddings()  # whole only inside World.gathered
+        else:  # the teacher whole on its own device; its head (for the chunked loss) where the student is
+            self.teacher_head = nn.Linear(0, 0).requires_grad_(False)
+            head = teacher.get_output_embeddings()
+            self.teacher_head.weight = nn.Parameter(head.weight.detach().to(self.device), requires_grad=False)
+            self.teacher_head.bias = None if head.bias is None else nn.Parameter(head.bias.detach().to(self.device), requires_grad=False)
+        self.params = {f"student.{name}": p for name, p in student.named_parameters()}  # tied weights appear once
+        self.masks = {f"student.{name}": world.local(self.params[f"student.{name}"]) != 0 for name in zeros}
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=training.lr, betas=(0.9, 0.95), weight_decay=0.0)
-        self.model = world.parallel(self.net)
         self.windows = Windows(training, setup.tokenizer, setup.documents)
-        self.flops_per_token = 6 * linear_macs(self.net, False) + 2 * linear_macs(setup.teacher, False)
         self.teacher_precision = _autocast(setup.teacher_device) if setup.teacher_dtype != "float32" else nullcontext()
+        self.shard_bytes = None
 
     def step(self, step: int) -> torch.Tensor:
         """One optimizer step on this process's share of step `step`'s windows; (KL, CE) averaged
         over the processes (CE 0 when not trained on)."""
-        t = self.training
+        t, local = self.training, self.world.local
         ids = self.windows(step)[self.world.rank::self.world.size].to(self.device)
         torch.manual_seed(t.seed * 1_000_003 + step)  # dropout, where a family has it, replays on resume
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, t)
         with torch.no_grad(), self.teacher_precision:
-            teacher_logits = self.setup.teacher(input_ids=ids.to(self.setup.teacher_device), use_cache=False).logits.to(self.device)
-        with _autocast(self.device):
-            logits = self.model(input_ids=ids, use_cache=False).logits
-        loss, kl, ce = distillation_loss(logits, teacher_logits, ids, t.temperature, t.ce_weight)
-        del teacher_logits, logits
-        loss.backward()
+            teacher_out = self.teacher(ids.to(self.setup.teacher_device)).to(self.device)
+        with self.world.gathered(self.teacher) if self.teacher_sharded and self.distiller.chunk else nullcontext():
+            total, kl, ce = self.distiller(ids, teacher_out, self.teacher_head)
+        del teacher_out
+        total.backward()
         with torch.no_grad():
             for name, mask in self.masks.items():
                 if self.params[name].grad is not None:
-                    self.params[name].grad.masked_fill_(~mask, 0)
+                    local(self.params[name].grad).masked_fill_(~mask, 0)
             torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
             self.optimizer.step()
+            if self.shard_bytes is None:
+                self.shard_bytes = self.state_bytes()
             self.optimizer.zero_grad(set_to_none=True)
             for name, mask in self.masks.items():
-                self.params[name].masked_fill_(~mask, 0)
+                local(self.params[name]).masked_fill_(~mask, 0)
         figures = self.world.mean(torch.stack([kl, ce if ce is not None else torch.zeros_like(kl)]).float())
         if not bool(torch.isfinite(figures).all()):
             raise UserError(f"the loss is not finite at step {step + 1}: lower --lr (now {t.lr:g}) and start over with --overwrite")
         return figures
 
+    def state_bytes(self) -> dict:
+        """Bytes this process holds of the parameters, gradients and optimizer states (its shards)."""
+        local = self.world.local
+        size = lambda t: local(t).numel() * local(t).element_size()  # noqa: E731
+        return {"parameters": sum(size(p) for p in self.params.values()),
+                "gradients": sum(size(p.grad) for p in self.params.values() if p.grad is not None),
+                "optimizer": sum(size(v) for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())}
+
     def perplexity(self) -> float:
-        self.net.eval()
-        value = perplexity(self.net, self.setup.eval_windows, device=self.device)["perplexity"]
-        self.net.train()
+        """Perplexity on the evaluation windows; every process scores all of them (a sharded forward
+        is a collective), so every process gets the same figure."""
+        self.distiller.eval()
+        with torch.no_grad():
+            value = windows_perplexity(lambda batch: self.distiller(batch.to(self.device)), self.setup.eval_windows)["perplexity"]
+        self.distiller.train()
         return value
 
-    def save(self, run: PartialFolder, progress: dict) -> None:
-        """The parameters and AdamW moments after step `progress['done']`, in files named by that
-        step, then progress.json pointing at them, then the older pair removed: a kill at any point
-        leaves one consistent state. Buffers are not saved: training never changes them."""
+    def save(self, run: PartialFolder | None, folder: Path, progress: dict) -> None:
+        """Every process writes its shards into a temporary folder; then process 0 renames it, points
+        progress.json at it and removes the older one: a kill at any point leaves one consistent state."""
         step = progress["done"]
-        run.write_tensors(STATE.format(step), self.params)
-        moments = {f"{name}::{key}": value for name, p in self.params.items() for key, value in self.optimizer.state.get(p, {}).items()}
-        run.write_tensors(OPTIMIZER.format(step), moments)
-        run.record(progress)
-        for old in [*run.path.glob("student-*.safetensors"), *run.path.glob("optimizer-*.safetensors")]:
-            if old.name not in (STATE.format(step), OPTIMIZER.format(step)):
-                old.unlink()
+        tmp = folder / f".{STATE.format(step)}.tmp"
+        self.world.save_sharded(self.distiller, self.optimizer, tmp)
 
-    def load(self, folder, step: int) -> None:
-        """The state a run saved after step `step` (every process reads what process 0 wrote)."""
-        with reading(folder / STATE.format(step)):
-            weights = load_file(folder / STATE.format(step), device=str(self.device))
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(weights[name])
-        moments: dict[str, dict] = {}
-        with reading(folder / OPTIMIZER.format(step)):
-            for key, value in load_file(folder / OPTIMIZER.format(step), device=str(self.device)).items():
-                name, field = key.split("::", 1)
-                moments.setdefault(name, {})[field] = value
-        for name, state in moments.items():
-            state["step"] = state["step"].cpu()
-            self.optimizer.state[self.params[name]] = state
+        def publish() -> None:
+            os.replace(tmp, folder / STATE.format(step))
+            run.record(progress)
+            for old in folder.glob("state-*"):
+                if old.name != STATE.format(step):
+                    shutil.rmtree(old)
+            run.owned = False  # trained steps are the user's: a later failure keeps them for --resume
+
+        self.world.first(publish)
+
+    def load(self, folder: Path, step: int) -> None:
+        """The state a run saved after step `step`, on any number of processes."""
+        path = folder / STATE.format(step)
+        if not (path / ".metadata").is_file():
+            raise UserError(f"'{path}' is not a complete checkpoint: rerun with --overwrite instead of --resume")
+        self.world.load_sharded(self.distiller, self.optimizer, path)
+
+    def full_student(self) -> dict:
+        """The trained student's whole state on process 0 ({} on the others); every process calls it."""
+        state = self.world.full_state(self.distiller)
+        return {k.removeprefix("student."): v for k, v in state.items()}
 
 
-def train(trainer: Trainer, run: PartialFolder | None, progress: dict, reporter: Reporter) -> dict:
+def train(trainer: Trainer, run: PartialFolder | None, folder: Path, progress: dict, reporter: Reporter) -> dict:
     """Steps until the budget is spent (process 0's clock decides for every process), evaluating and
     checkpointing every `eval_steps`; returns the log and the throughput."""
     t, world = trainer.training, trainer.world
@@ -187,16 +238,15 @@ def train(trainer: Trainer, run: PartialFolder | None, progress: dict, reporter:
         log.append({"step": step, "tokens": step * t.tokens_per_step, "seconds": round(time.perf_counter() - clock, 2),
                     "perplexity": trainer.perplexity(), "kl": kl})
         reporter.record("recover.evaluation", log[-1])
-        if run and step:
-            trainer.save(run, {"done": step, "log": log, "seconds": time.perf_counter() - clock})
-            run.owned = False  # trained steps are the user's: a later failure keeps them for --resume
+        if step:
+            trainer.save(run, folder, {"done": step, "log": log, "seconds": time.perf_counter() - clock})
 
     def finished() -> bool:
         seconds = time.perf_counter() - clock
         return world.broadcast((t.steps is not None and step >= t.steps) or (t.max_seconds is not None and seconds >= t.max_seconds))
 
     if step == 0:
-        world.first(evaluate)
+        evaluate()
     done = step > 0 and finished()  # a fresh run trains at least one step
     while not done:
         t0 = time.perf_counter()
@@ -212,14 +262,14 @@ def train(trainer: Trainer, run: PartialFolder | None, progress: dict, reporter:
                                          "seconds_left": max(0.0, left) if left is not None else None})
         done = finished()
         if step % t.eval_steps == 0 or done:
-            world.first(lambda: evaluate(float(figures[0])))
+            evaluate(float(figures[0]))
     seconds = time.perf_counter() - clock
     tokens_per_s = step * t.tokens_per_step / seconds
     return {"log": log, "steps": step, "tokens": step * t.tokens_per_step, "seconds": round(seconds, 1), "tokens_per_s": tokens_per_s,
             "matmul_rate": rate, "matmul_fraction": tokens_per_s * trainer.flops_per_token / rate if rate else None,
-            "flops_per_token": trainer.flops_per_token, "world": world.size}
+            "flops_per_token": trainer.flops_per_token, "world": world.size, "shard_bytes": trainer.shard_bytes}
 
 
 def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; float32 elsewhere."""
+    """bf16 autocast on CUDA (the teacher in bfloat16); float32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
