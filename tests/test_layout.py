@@ -29,7 +29,7 @@ LAYERS = [
     {"oneshot"},
     {"runtime"},
     {"exporters"},
-    {"recover", "compare", "scores", "bench", "console", "cli", "__main__", "__init__"},
+    {"recovery", "compare", "scores", "bench", "console", "cli", "__main__", "__init__"},
 ]
 
 

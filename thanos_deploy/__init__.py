@@ -20,7 +20,7 @@ from .methods.stats import Stats
 from .oneshot import Result, oneshot
 from .patterns import check_shape, parse_pattern
 from .pipeline.sequential import compress_model
-from .recover import recover
+from .recovery import recover
 from .request import Calibration, CompressRequest, Evaluation, Execution, Output, Pruning, RecoverRequest, Teacher, Training, prepare
 
 __all__ = ["prepare", "oneshot", "Result", "prune_weight", "compress_model", "recover", "load", "parse_pattern", "METHODS", "UserError",

@@ -43,9 +43,9 @@ from .methods import METHODS, OPTION_HELP
 from .oneshot import convert, default_out, oneshot
 from .pipeline import distributed
 from .progress import SILENT
-from .recover import plan_only as recovery_plan
-from .recover import recover
-from .recover.plan import parse_size
+from .recovery import plan_only as recovery_plan
+from .recovery import recover
+from .recovery.plan import parse_size
 from .request import (
     RECOVER_EVALUATION,
     Calibration,

@@ -28,7 +28,7 @@ from thanos_deploy import loading, oneshot
 from thanos_deploy.measure import markdown_table, matmul_rate
 from thanos_deploy.plots import recovery_curves
 from thanos_deploy.progress import Reporter
-from thanos_deploy.recover import recover
+from thanos_deploy.recovery import recover
 from thanos_deploy.request import DEFAULT_TOKENS, RECOVER_EVALUATION, Evaluation, Output, RecoverRequest, Training, prepare
 from thanos_deploy.scores import evaluate_model
 

@@ -141,8 +141,10 @@ def alternatives(student: Shape, teacher: Shape, setting: Setting, capacity: flo
     """What would make a plan that does not fit fit: more processes, --cpu-offload,
     --gradient-checkpointing, a smaller batch (each alone)."""
     fits = lambda **change: plan(student, teacher, replace(setting, **change), capacity).fits  # noqa: E731
+    shared = setting.device == "cpu"  # processes on the CPU share the host's memory: each gets less
+    more = next((n for n in (2, 4, 8, 16, 32, 64, 128) if n > setting.processes and setting.batch_size % n == 0
+                 and plan(student, teacher, replace(setting, processes=n), capacity * setting.processes / n if shared else capacity).fits), None)
     found = []
-    more = next((n for n in (2, 4, 8, 16, 32, 64, 128) if n > setting.processes and setting.batch_size % n == 0 and fits(processes=n)), None)
     if more:
         found.append(f"{more} processes (--nproc {more}, or {more} GPUs)")
     if setting.device == "cuda" and not setting.cpu_offload and fits(cpu_offload=True):

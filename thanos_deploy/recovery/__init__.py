@@ -22,7 +22,7 @@ import torch
 from .. import loading
 from ..artifact import Manifest, check_output, versions
 from ..errors import UserError
-from ..pipeline import distributed, resume
+from ..pipeline import activations, distributed, resume
 from ..progress import SILENT, Reporter
 from ..request import Memory, RecoverRequest, Teacher, Training
 from ..staging import PartialFolder, guard, partial_folder
@@ -53,6 +53,7 @@ def _recover(request: RecoverRequest, world: distributed.World, reporter: Report
     if request.memory.cpu_offload and world.device.type != "cuda":
         raise UserError("--cpu-offload keeps the shards in host memory between uses on a GPU; this run is on the CPU already: drop it")
     out = check_output(request.output.out, request.output.overwrite)
+    activations.free_large_blocks_at_once()  # freed activations go back to the system: the peak is what is alive
     setup = checks.load(request, world.device, reporter)
     made = memory.check(memory.shape_of(setup.student), memory.shape_of(setup.teacher), _setting(request, setup, world),
                         memory.capacity(world.device, world.size))

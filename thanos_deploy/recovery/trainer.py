@@ -32,7 +32,7 @@ from torch import nn
 from .. import data, models
 from ..compact.linear import CompactLinear
 from ..errors import UserError
-from ..evaluate import windows_perplexity
+from ..evaluate import next_token_nll
 from ..measure import linear_macs, matmul_rate
 from ..pipeline.distributed import World
 from ..progress import Reporter
@@ -43,6 +43,7 @@ from .checks import Setup
 
 STEPS_PER_DRAW = 64  # windows for this many steps are drawn per pass over the calibration text
 STATE = "state-{:06d}"  # the sharded checkpoint after a step, a folder written by every process
+EVAL_BATCH_TOKENS = 1024  # evaluation batches: their float32 logits are about 4 × tokens × vocabulary bytes
 
 
 def learning_rate(step: int, training: Training) -> float:
@@ -188,13 +189,27 @@ class Trainer:
                 "optimizer": sum(size(v) for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())}
 
     def perplexity(self) -> float:
-        """Perplexity on the evaluation windows; every process scores all of them (a sharded forward
-        is a collective), so every process gets the same figure."""
+        """Perplexity on the evaluation windows, each process scoring its share: the summed
+        cross-entropies are added over the processes, so every process gets the same figure. A
+        sharded forward is a collective, so a process with fewer windows scores a copy of its last
+        one (dropped) to take part in every batch."""
+        windows = self.setup.eval_windows
+        share = windows[self.world.share(len(windows))]
+        batch = data.batch_size(windows.shape[1], EVAL_BATCH_TOKENS)
+        batches = math.ceil(math.ceil(len(windows) / self.world.size) / batch)  # those of the largest share
+        nll = 0.0
         self.distiller.eval()
         with torch.no_grad():
-            value = windows_perplexity(lambda batch: self.distiller(batch.to(self.device)), self.setup.eval_windows)["perplexity"]
+            for b in range(batches):
+                ids = share[b * batch:(b + 1) * batch]
+                real = len(ids)
+                if real < batch:  # padded with copies of a window, dropped below
+                    ids = torch.cat([ids, (share[-1:] if len(share) else windows[:1]).expand(batch - real, -1)])
+                logits = self.distiller(ids.to(self.device))
+                if real:
+                    nll += next_token_nll(logits[:real], ids[:real])
         self.distiller.train()
-        return value
+        return math.exp(sum(self.world.gather(nll)) / windows[:, 1:].numel())
 
     def save(self, run: PartialFolder | None, folder: Path, progress: dict) -> None:
         """Every process writes its shards into a temporary folder; then process 0 renames it, points
