@@ -46,25 +46,10 @@ from .progress import SILENT
 from .recovery import plan_only as recovery_plan
 from .recovery import recover
 from .recovery.plan import parse_size
-from .request import (
-    RECOVER_EVALUATION,
-    Calibration,
-    CompressRequest,
-    Evaluation,
-    Execution,
-    Memory,
-    Output,
-    Pruning,
-    RecoverRequest,
-    Teacher,
-    Training,
-    flag_of,
-    keyword_of,
-    options_of,
-    storage_from_flags,
-)
+from .request import (RECOVER_EVALUATION, Calibration, CompressRequest, Evaluation, Execution, Memory, Output, Pruning, RecoverRequest, Tasks,
+                      Teacher, Training, flag_of, keyword_of, options_of, storage_from_flags)
 from .runtime import generate
-from .scores import evaluate_model
+from .scores import evaluate_model, evaluate_tasks
 
 try:  # Typer >= 0.2x runs on its own vendored click, whose exception classes are not click's
     from typer._click import exceptions as vendored_click
@@ -223,17 +208,17 @@ METHODS_HELP = ("Runs, comma-separated: dense, or a method with options after ':
 
 @app.command("compare")
 @takes(Part("pruning", Pruning, only=("pattern", "targets", "ignore")), Part("calibration", Calibration, COMPARE_CALIBRATION),
-       Part("evaluation", Evaluation, COMPARE_EVALUATION), Part("execution", Execution, only=("device",)),
+       Part("evaluation", Evaluation, COMPARE_EVALUATION), Part("scored", Tasks), Part("execution", Execution, only=("device",)),
        Part("output", Output, only=("out", "overwrite")))
 def compare_cmd(model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, or smollm2-135m"),
                 methods: str = typer.Option("dense,wanda,sparsegpt,thanos", help=METHODS_HELP),
                 as_json: bool = typer.Option(False, "--json", help="Print the results as JSON"), *, pruning, calibration, evaluation,
-                execution, output):
+                scored, execution, output):
     """Prune MODEL with several methods (or a grid of options) on the same data and print their perplexity side by side."""
     with SILENT if as_json else RichReporter() as reporter:
         rows = sweep(model, methods, pruning.pattern, out=output.out, overwrite=output.overwrite, command=_command_line(),
                      calibration=calibration, evaluation=evaluation, execution=execution, targets=pruning.targets, ignore=pruning.ignore,
-                     reporter=reporter)
+                     scored=scored, reporter=reporter)
     if as_json:
         print(json.dumps(rows))
         return
@@ -245,13 +230,14 @@ def compare_cmd(model: str = typer.Argument(..., help="HF folder, hub id, .gguf 
 
 @app.command("recover")
 @takes(Part("output", Output, only=("out", "overwrite", "resume")), Part("teacher", Teacher), Part("training", Training),
-       Part("evaluation", Evaluation, RECOVER_EVALUATION), Part("execution", Execution, only=("device", "processes")), Part("memory", Memory))
+       Part("evaluation", Evaluation, RECOVER_EVALUATION), Part("scored", Tasks), Part("execution", Execution, only=("device", "processes")),
+       Part("memory", Memory))
 def recover_cmd(pruned: str = typer.Argument(..., help="A pruned artifact written by compress: masked, packed, shrunk or width-pruned plain"),
                 plan_only: bool = typer.Option(False, help="Print the memory plan per process and stop: nothing is loaded but the configs"),
                 device_memory: Optional[str] = typer.Option(None, help="--plan-only: plan for GPUs with this much memory each (e.g. 80GB); "
                                                             "default: this machine"),
                 as_json: bool = typer.Option(False, "--json", help="--plan-only: print the plan as JSON"),
-                *, output, teacher, training, evaluation, execution, memory):
+                *, output, teacher, training, evaluation, scored, execution, memory):
     """Win back quality: distil the dense model into a pruned one, every pruned weight kept pruned."""
     if plan_only:
         made = recovery_plan(pruned, teacher, training, memory, processes=execution.processes,
@@ -263,7 +249,7 @@ def recover_cmd(pruned: str = typer.Argument(..., help="A pruned artifact writte
         return
     if execution.processes != 1:
         raise typer.Exit(distributed.launch(execution.processes, sys.argv[1:]))
-    request = RecoverRequest(pruned, output, teacher, training, evaluation, execution.device, memory)
+    request = RecoverRequest(pruned, output, teacher, training, evaluation, execution.device, memory, scored)
     with RichReporter() as reporter:
         result = recover(request, reporter)
     if result["matmul_rate"]:  # process 0 (the others of a torchrun job have nothing to report)
@@ -271,6 +257,7 @@ def recover_cmd(pruned: str = typer.Argument(..., help="A pruned artifact writte
 
 
 @app.command("eval")
+@takes(Part("chosen", Tasks))
 def eval_cmd(
     model: str = typer.Argument(..., help="HF folder, hub id, .gguf file, smollm2-135m, or a pruned checkpoint"),
     data_source: str = typer.Option(Evaluation.data, "--data", help="austen, wikitext2, c4, or a .txt/.jsonl file"),
@@ -281,8 +268,18 @@ def eval_cmd(
     offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Read one decoder layer at a time from disk "
                                            "(default: when the model would not fit in memory)"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+    *, chosen,
 ):
-    """Perplexity over non-overlapping windows: exp(mean next-token cross-entropy)."""
+    """Perplexity over non-overlapping windows (exp of the mean next-token cross-entropy), or with
+    --tasks the accuracy of lm-evaluation-harness tasks."""
+    if chosen:
+        with SILENT if as_json else RichReporter() as reporter, reporter.status(f"running {', '.join(chosen.names)} on {model}"):
+            result = evaluate_tasks(model, chosen, device=device, dtype=dtype)
+        if as_json:
+            print(json.dumps(result))
+        else:
+            show.task_results(result)
+        return
     result = evaluate_model(model, data_source, seqlen, max_windows, device=device, dtype=dtype, offload=offload)
     if as_json:
         print(json.dumps(result))
@@ -296,7 +293,7 @@ QUICK, FULL = "16×256 with --quick, else 64×512 tokens", "8×256 with --quick,
 @app.command("bench")
 @takes(Part("execution", Execution, Execution(device="cpu"), only=("device", "dtype")),
        Part("calibration", Calibration, preset=f"--plan's calibration: {QUICK}"), Part("evaluation", Evaluation, preset=f"perplexity: {FULL}; 0 skips it"),
-       Part("output", Output, only=("out", "overwrite")))
+       Part("accuracy", Tasks), Part("output", Output, only=("out", "overwrite")))
 def bench_cmd(
     dense: str = typer.Argument(..., help="The dense model (checkpoint, ONNX folder, plan, smollm2-135m); with --plan, the model to prune"),
     candidates: Optional[list[str]] = typer.Argument(None, help="Artifacts to compare: checkpoints (masked, shrunk, packed), ONNX folders, .plan files"),
@@ -308,7 +305,7 @@ def bench_cmd(
     reps: Optional[int] = typer.Option(None, help="Interleaved repetitions after warm-up"),
     quick: bool = typer.Option(False, help="Small grid, few repetitions, small calibration and evaluation sets"),
     peak_memory: bool = typer.Option(True, "--peak-memory/--no-peak-memory", help="Measure each candidate's peak memory in a fresh process"),
-    *, execution, calibration, evaluation, output,
+    *, execution, calibration, evaluation, accuracy, output,
 ):
     """Latency and throughput of compressed models against dense: prefill, decode, p50/p90/p99, speed-ups with intervals, plots."""
     out = output.out or Path(time.strftime("bench-%Y%m%d-%H%M%S"))
@@ -317,7 +314,7 @@ def bench_cmd(
     with RichReporter() as reporter:
         result = bench_run.bench(dense, candidates or [], out, plan=plan, backends=backend, execution=execution, quick=quick,
                                  grid={k: v for k, v in grid.items() if v not in (None, ())}, calibration=calibration, evaluation=evaluation,
-                                 peak_memory=peak_memory, overwrite=output.overwrite, command=_command_line(), reporter=reporter)
+                                 accuracy=accuracy, peak_memory=peak_memory, overwrite=output.overwrite, command=_command_line(), reporter=reporter)
     console.print(describe_bench(result), highlight=False)
     for title, header, rows in bench_tables(result):
         console.print(table(title, header, rows))

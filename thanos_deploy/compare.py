@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import data, loading, models, plots
+from . import data, loading, models, plots, tasks
 from .artifact import check_output, staged
 from .errors import UserError
 from .evaluate import perplexity
@@ -32,7 +32,7 @@ from .methods import METHODS, get_method
 from .oneshot import Sweep
 from .patterns import parse_pattern
 from .progress import SILENT, Reporter
-from .request import Calibration, CompressRequest, Evaluation, Execution, Output, Pruning
+from .request import Calibration, CompressRequest, Evaluation, Execution, Output, Pruning, Tasks
 
 
 @dataclass(frozen=True)
@@ -150,10 +150,14 @@ EVALUATION = Evaluation(windows=64)
 
 
 def compare(model: str, runs: list[Run], pattern, *, calibration: Calibration = CALIBRATION, evaluation: Evaluation = EVALUATION,
-            execution: Execution = Execution(), targets=(), ignore=(), reporter: Reporter = SILENT, on_result=None) -> list[dict]:
+            execution: Execution = Execution(), targets=(), ignore=(), scored: Tasks = Tasks(), reporter: Reporter = SILENT,
+            on_result=None) -> list[dict]:
     """Prune a fresh copy of `model` with every run (oneshot.Sweep: one load, one calibration set)
-    and evaluate each; returns one dict per run. Every run is checked before any work, naming the
-    run in a long sweep; `on_result(row)` after each run lets a long sweep save what it has."""
+    and evaluate each: perplexity, and the `scored` tasks' accuracy; returns one dict per run. Every
+    run is checked before any work, naming the run in a long sweep; `on_result(row)` after each run
+    lets a long sweep save what it has."""
+    if scored:
+        tasks.check(list(scored.names))
     requests = {}
     for run in runs:
         if run.method != "dense":
@@ -173,13 +177,14 @@ def compare(model: str, runs: list[Run], pattern, *, calibration: Calibration = 
         reporter.step(f"run {i} of {len(runs)}: {run.label}")
         if run.method == "dense":
             row = {"label": "dense", "method": "dense", "pattern": None, "options": {}, "sparsity": 0.0, "seconds": None,
-                   "prune_seconds": None, **perplexity(sweep.model, windows, device=device)}
+                   "prune_seconds": None, **perplexity(sweep.model, windows, device=device), **_accuracy(sweep.model, sweep.tokenizer, scored)}
         else:
             t0 = time.perf_counter()
             pruned = sweep.run(requests[run.label])
             row = {"label": run.label, "method": run.method, "pattern": str(pruned.report["pattern"]), "options": pruned.report["options"],
                    "sparsity": pruned.report["sparsity"], "seconds": round(time.perf_counter() - t0, 2),
-                   "prune_seconds": pruned.report["seconds"]["prune"], **perplexity(pruned.model, windows, device=device)}
+                   "prune_seconds": pruned.report["seconds"]["prune"], **perplexity(pruned.model, windows, device=device),
+                   **_accuracy(pruned.model, sweep.tokenizer, scored)}
             del pruned
         results.append(row)
         if on_result:
@@ -187,9 +192,16 @@ def compare(model: str, runs: list[Run], pattern, *, calibration: Calibration = 
     return results
 
 
+def _accuracy(model, tokenizer, scored: Tasks) -> dict:
+    """{"tasks": ...} of a row when tasks were asked for (tasks.run), else nothing."""
+    if not scored:
+        return {}
+    return {"tasks": tasks.run(model, tokenizer, list(scored.names), num_fewshot=scored.num_fewshot, limit=scored.limit)}
+
+
 def sweep(model: str, methods: str, pattern, *, out: Path | None = None, overwrite: bool = False, command: str = "",
           calibration: Calibration = CALIBRATION, evaluation: Evaluation = EVALUATION, execution: Execution = Execution(),
-          targets=(), ignore=(), reporter: Reporter = SILENT) -> list[dict]:
+          targets=(), ignore=(), scored: Tasks = Tasks(), reporter: Reporter = SILENT) -> list[dict]:
     """`compare`: the runs `methods` names (grids, @FILE), checked with the protocol and the output
     before any work, compared; with `out`, compare.json, .md and .png written there."""
     runs = parse_methods(methods)
@@ -198,12 +210,12 @@ def sweep(model: str, methods: str, pattern, *, out: Path | None = None, overwri
         check_output(out, overwrite)
     started = time.perf_counter()
     rows = compare(model, runs, pattern, calibration=calibration, evaluation=evaluation, execution=execution, targets=targets, ignore=ignore,
-                   reporter=reporter)
+                   scored=scored, reporter=reporter)
     if out is not None:
         protocol = {"model": model, "pattern": str(pattern), "calib": calibration.source, "nsamples": calibration.nsamples,
                     "seqlen": calibration.seqlen, "seed": calibration.seed, "eval_data": evaluation.data, "eval_seqlen": evaluation.seqlen,
                     "eval_windows": evaluation.windows, "device": loading.pick_device(execution.device).type, "targets": list(targets),
-                    "ignore": list(ignore)}
+                    "ignore": list(ignore), "tasks": list(scored.names), "limit": scored.limit, "num_fewshot": scored.num_fewshot}
         write(document(rows, protocol, command=command, seconds=time.perf_counter() - started), out, overwrite)
     return rows
 
@@ -217,11 +229,13 @@ def document(rows: list[dict], protocol: dict, *, command: str, seconds: float) 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(header, cells) of the comparison table, rendered by Rich on the terminal and as Markdown."""
     dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
-    header = ["method", "perplexity", "× dense", "sparsity", "pruning math s", "total s"]
+    columns = tasks.columns(rows)
+    header = ["method", "perplexity", "× dense", *(f"{task} {metric}" for task, metric in columns), "sparsity", "pruning math s", "total s"]
     cells = [[
         r["label"],
         f"{r['perplexity']:.3f}",
         f"{r['perplexity'] / dense:.2f}" if dense else "",
+        *(tasks.cell(r, task, metric) for task, metric in columns),
         f"{r['sparsity']:.3f}",
         f"{r['prune_seconds']:.1f}" if r["prune_seconds"] is not None else "",
         f"{r['seconds']:.1f}" if r["seconds"] is not None else "",

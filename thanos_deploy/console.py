@@ -59,6 +59,18 @@ def compress_report(report: dict, manifest: Manifest, out: Path) -> None:
     console.print(f"saved to {out}")
 
 
+def task_results(result: dict) -> None:
+    """`eval --tasks`: each task's metrics with their standard errors."""
+    rows = []
+    for task, metrics in result["tasks"].items():
+        for name, value in metrics.items():
+            if name.endswith("_stderr") or name == "samples":
+                continue
+            error = metrics.get(f"{name}_stderr")
+            rows.append([task, name, f"{value:.4f}" + (f" ± {error:.4f}" if isinstance(error, float) else ""), str(metrics.get("samples") or "")])
+    console.print(table(f"{result['model']}: lm-evaluation-harness", ["task", "metric", "value ± standard error", "items"], rows, left=("task", "metric")))
+
+
 def plain_note(manifest: Manifest) -> None:
     if plain := manifest.plain:
         fields = ", ".join(f"{field} {old} → {new}" for field, (old, new) in plain.items())
@@ -168,7 +180,8 @@ class RichReporter(Reporter):
         elif kind == "recover.plan":
             console.print(plan_line(values), style="dim", highlight=False)
         elif kind == "recover.evaluation":
-            console.print(f"{values['tokens']:>9,} tokens · {values['seconds']:6.0f} s · perplexity {values['perplexity']:.3f}", highlight=False)
+            accuracy = "".join(f" · {task} {metrics['acc']:.3f}" for task, metrics in (values.get("tasks") or {}).items() if "acc" in metrics)
+            console.print(f"{values['tokens']:>9,} tokens · {values['seconds']:6.0f} s · perplexity {values['perplexity']:.3f}{accuracy}", highlight=False)
 
     def _line(self) -> Progress:
         """One transient line for steps and training progress, started when first needed."""

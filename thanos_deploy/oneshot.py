@@ -170,7 +170,7 @@ def _load(request: CompressRequest, loaded, offloaded: bool, ids, docs, reporter
         if loaded is not None:
             (net, tokenizer), weights = loaded, None
         elif offloaded:
-            net, tokenizer, weights = load_skeleton(request.model, dtype=request.execution.dtype)
+            net, tokenizer, weights = load_skeleton(request.model, dtype=request.execution.dtype, head=False)
         else:
             (net, tokenizer), weights = loading.load(request.model, dtype=request.execution.dtype), None
     check_model(net, request, reporter)

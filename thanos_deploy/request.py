@@ -128,6 +128,27 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class Tasks:
+    """Task accuracy through lm-evaluation-harness, beside perplexity (tasks.py)."""
+
+    names: tuple[str, ...] = knob((), "Also measure accuracy on these lm-eval tasks, comma-separated: the offline austen_cloze and "
+                                      "austen_next, or (online) any of lm-eval's, e.g. arc_easy,hellaswag", flag="--tasks")
+    num_fewshot: int | None = knob(None, "Examples shown before each task item (default: each task's own, zero for the offline ones)")
+    limit: int | None = knob(None, "Score at most this many items of each task (the first ones)")
+
+    def __post_init__(self):
+        names = self.names.split(",") if isinstance(self.names, str) else self.names
+        _set(self, names=tuple(n.strip() for part in names or () for n in part.split(",") if n.strip()))
+        if self.num_fewshot is not None:
+            at_least(0, num_fewshot=self.num_fewshot)
+        if self.limit is not None:
+            at_least(1, limit=self.limit)
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+
+@dataclass(frozen=True)
 class Output:
     """Where and how the artifact is written."""
 
@@ -352,6 +373,7 @@ class RecoverRequest:
     evaluation: Evaluation = RECOVER_EVALUATION
     device: str = "auto"
     memory: Memory = Memory()
+    tasks: Tasks = Tasks()  # accuracy measured at every evaluation, beside perplexity
 
     def __post_init__(self):
         if self.output.out is None:

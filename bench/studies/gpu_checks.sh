@@ -3,12 +3,13 @@
 # the CUDA tests (Thanos/SparseGPT on CUDA, semi-structured 2:4 kernels, TensorRT if present),
 # the pruning-math speed benchmark on CUDA, one linear dense vs 2:4 (cuSPARSELt and CUTLASS) at
 # LLaMA-2 7B/70B shapes, and `thanos-deploy bench` end to end on a random LLaMA-2-7B-shaped fp16
-# model (dense vs 2:4 packed vs structured:0.3 shrunk, pruned with magnitude: speed only).
+# model (dense vs 2:4 packed vs structured:0.3 shrunk, pruned with magnitude: speed only), and sharded
+# `recover` on a random Llama-3.2-1B-shaped model (memory plan against the peak, throughput).
 # No internet, no TensorRT needed. Results go to ${OUT:-bench/results}; CHECKS picks a subset
-# (default: "tests prune linear bench").
+# (default: "tests prune linear bench recover").
 set -uo pipefail
 out="${OUT:-bench/results}"
-checks="${CHECKS:-tests prune linear bench}"
+checks="${CHECKS:-tests prune linear bench recover}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/pip.log" 2>&1 || { tail -5 "$out/pip.log"; exit 1; }
@@ -30,4 +31,7 @@ if [[ " $checks " == *" bench "* ]]; then
   python3 -m thanos_deploy.cli bench "$model" --plan "$model.plan" --calib-tokens "$model/calib.pt" --device cuda --dtype float16 \
       --quick --eval-windows 0 --out "$out/bench-llama2-7b-random" --overwrite 2>&1 | tee "$out/bench_llama2_7b.txt"
   rm -rf "$(dirname "$model")"
+fi
+if [[ " $checks " == *" recover "* ]]; then
+  python3 bench/studies/gpu_recover.py --out "$out" 2>&1 | tail -40 | tee "$out/gpu_recover.txt"
 fi

@@ -3,6 +3,7 @@ bench.md) and the one-line description of a run."""
 
 from __future__ import annotations
 
+from .. import tasks
 from ..measure import markdown_table
 
 
@@ -19,6 +20,7 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     speed_header = ["candidate", "batch×prompt", "prefill ms p50/p90/p99", "prefill tok/s", "prefill speed-up (model-FLOP ratio)",
                     "decode ms/token p50/p90/p99", "decode tok/s", "decode speed-up (model-FLOP ratio)"]
     speed_rows, cost_rows = [], []
+    accuracy = tasks.columns(result["rows"])
     for row in result["rows"]:
         for key, s in row["speed"].items():
             p, d = s["prefill"], s["decode"]
@@ -33,13 +35,13 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         largest = row["speed"][max(row["speed"], key=lambda k: tuple(int(v) for v in k.split("x")))]
         bound = largest.get("prefill_flop_ratio")
         cost_rows.append([
-            row["label"], f"{ppl['perplexity']:.2f}" if ppl else "", _mib(row["bytes"]),
+            row["label"], f"{ppl['perplexity']:.2f}" if ppl else "", *(tasks.cell(row, task, metric) for task, metric in accuracy), _mib(row["bytes"]),
             _mib(mem.get("cuda_max_allocated_bytes") or mem.get("peak_rss_bytes")),
             f"{bound:.2f}× (measured {largest['prefill_speedup']['ratio'] / bound:.2f} of it)" if bound else "", f"{secs['total']:.0f} s (math {secs['prune']:.0f} s)" if secs.get("total") is not None else "",
             row["what_ran"],
         ])
     memory = "peak CUDA memory" if result["device"] == "cuda" else "peak RSS"
-    cost_header = ["candidate", "perplexity", "on disk", memory, "model-FLOP ratio (prefill, largest cell)", "pruning", "what ran"]
+    cost_header = ["candidate", "perplexity", *(f"{task} {metric}" for task, metric in accuracy), "on disk", memory, "model-FLOP ratio (prefill, largest cell)", "pruning", "what ran"]
     return [("speed (speed-up = dense time / candidate time, median of paired repetitions, 95% bootstrap interval)", speed_header, speed_rows),
             ("cost", cost_header, cost_rows)]
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from .. import data, loading, measure, plots
+from .. import data, loading, measure, plots, tasks
 from ..artifact import check_output, staged
 from ..errors import UserError
 from ..evaluate import backend_perplexity
 from ..loading import pick_device
 from ..progress import SILENT, Reporter
-from ..request import Calibration, Evaluation, Execution
+from ..request import Calibration, Evaluation, Execution, Tasks
 from ..runtime import open_backend
 from . import artifacts, report, timing
 from . import plan as plans
@@ -56,6 +56,7 @@ def bench(
     grid: dict | None = None,
     calibration: dict | None = None,
     evaluation: dict | None = None,
+    accuracy: Tasks = Tasks(),
     peak_memory: bool = True,
     overwrite: bool = False,
     command: str = "",
@@ -64,7 +65,8 @@ def bench(
     """Measure dense and every candidate; write bench.json, bench.md, latency.png, pareto.png to `out`.
     `grid` (batch_sizes, prompt_lengths, decode_tokens, repetitions), `calibration` (of --plan)
     and `evaluation` change what they name of the defaults: the device's grid and 64×512
-    calibration and 32×512 evaluation tokens, or with `quick` a small grid, 16×256 and 8×256."""
+    calibration and 32×512 evaluation tokens, or with `quick` a small grid, 16×256 and 8×256.
+    `accuracy`: lm-eval tasks run on each artifact that has a torch row."""
     device = pick_device(execution.device).type
     grid = replace(timing.default_grid(device, quick), **(grid or {}))
     presets = QUICK if quick else FULL
@@ -74,6 +76,8 @@ def bench(
         raise UserError("batch sizes, prompt lengths and --decode-tokens must be at least 1, --reps at least 2")
     for backend in backends or []:
         artifacts.check_backend(backend, device)
+    if accuracy:
+        tasks.check(list(accuracy.names))
     check_output(out, overwrite)
     step = reporter.step
     started = time.perf_counter()
@@ -126,6 +130,13 @@ def bench(
                 step(f"perplexity {label}")
                 scored[art.label] = backend_perplexity(runners[label], windows)
             facts[label]["perplexity"] = scored.get(art.label)
+        measured = {}
+        for label, art, _ in rows:  # task accuracy needs a torch model: the first torch row of each artifact gives it
+            if accuracy and art.label not in measured and hasattr(runners[label], "model"):
+                step(f"tasks {label}")
+                measured[art.label] = tasks.run(runners[label].model, runners[label].tokenizer, list(accuracy.names),
+                                                num_fewshot=accuracy.num_fewshot, limit=accuracy.limit)
+            facts[label]["tasks"] = measured.get(art.label)
 
         raw = timing.measure(runners, vocab, grid, step=step)
         speeds = {}

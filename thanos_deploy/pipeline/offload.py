@@ -78,9 +78,20 @@ class ShardedWeights:
             raise UserError(f"cannot read '{path}' ({_first_line(e)}): the file is damaged, re-create the checkpoint") from None
         module.load_state_dict(state, strict=True, assign=True)  # the meta tensors are replaced, nothing else allocated
 
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """One tensor by the model's name (floating ones in `dtype`)."""
+        try:
+            with safe_open(self.where[name], "pt") as f:
+                tensor = f.get_tensor(self.stored[name])
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read '{self.where[name]}' ({_first_line(e)}): the file is damaged, re-create the checkpoint") from None
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
-def load_skeleton(spec: str, dtype: str = "auto"):
-    """(model with its decoder layers on meta, tokenizer, weights): nothing of a decoder layer is read."""
+
+def load_skeleton(spec: str, dtype: str = "auto", *, head: bool = True):
+    """(model with its decoder layers on meta, tokenizer, weights): nothing of a decoder layer is read.
+    `head` False: an untied output head stays on meta too (pruning never runs it; writing reads it
+    from `weights`), which for a large vocabulary is as much memory as the embeddings."""
     if dtype != "auto" and dtype not in loading.DTYPES:
         raise UserError(f"unknown dtype '{dtype}': choose auto, {', '.join(loading.DTYPES)}")
     where = loading.resolve(spec)
@@ -101,10 +112,10 @@ def load_skeleton(spec: str, dtype: str = "auto"):
                for source, target in zip(t.source_patterns, t.target_patterns * len(t.source_patterns))]
     weights = ShardedWeights(where, renames)
     inside = {id(m) for m in layers.modules()}
-    head, tied = model.get_output_embeddings(), getattr(config, "tie_word_embeddings", False)
+    output, tied = model.get_output_embeddings(), getattr(config, "tie_word_embeddings", False)
     for name, module in model.named_modules():
-        if id(module) in inside or (tied and module is head and not weights.has(f"{name}.weight")):
-            continue  # decoder layers: read when reached; a tied head: shares the embeddings, tied below
+        if id(module) in inside or (module is output and ((tied and not weights.has(f"{name}.weight")) or (not tied and not head))):
+            continue  # decoder layers: read when reached; a tied head shares the embeddings (tied below); an unwanted one waits
         _load_own(weights, module, name, torch_dtype)
         _init_non_persistent(model, module)
     if getattr(config, "tie_word_embeddings", False):

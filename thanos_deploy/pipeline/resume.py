@@ -169,13 +169,14 @@ class RunFolder(PartialFolder, LayerStore):
         model = self.model
         layers = models.decoder_layers(model)
         prefixes = tuple(self._prefix(i) for i in range(len(layers)))
-        rest = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+        dtype = next(model.parameters()).dtype
+        rest = {k: self.weights.tensor(k, dtype) if v.is_meta else v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
         head = model.get_output_embeddings()
         if getattr(model.config, "tie_word_embeddings", False) and head is not None:
             head_name = next(n for n, m in model.named_modules() if m is head)
             rest.pop(f"{head_name}.weight", None)  # tied to the input embeddings, re-tied on load
         self.write_tensors(REST, rest, dtype=self.write_dtype)
-        model.config.dtype = self.write_dtype or next(iter(rest.values())).dtype
+        model.config.dtype = self.write_dtype or dtype
         finish_folder(self.path, model.config, tokenizer)
         for p in self.path.glob("inputs-*.safetensors"):
             p.unlink()

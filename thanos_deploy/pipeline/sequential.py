@@ -335,8 +335,11 @@ def _modules_outside(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]
 
 
 def _move(modules: list[nn.Module], device) -> None:
+    """Move the modules' own tensors, leaving those not read (on meta: an offloaded run's head) where they are."""
     for m in modules:
         for p in m.parameters(recurse=False):
-            p.data = p.data.to(device)
+            if not p.is_meta:
+                p.data = p.data.to(device)
         for name, b in m.named_buffers(recurse=False):
-            m._buffers[name] = b.to(device)
+            if not b.is_meta:
+                m._buffers[name] = b.to(device)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .. import loading
+from .. import loading, tasks
 from ..artifact import Manifest, check_output, versions
 from ..errors import UserError
 from ..pipeline import activations, distributed, resume
@@ -52,6 +52,8 @@ def _recover(request: RecoverRequest, world: distributed.World, reporter: Report
         raise UserError(f"--batch-size {request.training.batch_size} does not split over {world.size} processes: use a multiple of {world.size}")
     if request.memory.cpu_offload and world.device.type != "cuda":
         raise UserError("--cpu-offload keeps the shards in host memory between uses on a GPU; this run is on the CPU already: drop it")
+    if request.tasks:
+        tasks.check(list(request.tasks.names))
     out = check_output(request.output.out, request.output.overwrite)
     activations.free_large_blocks_at_once()  # freed activations go back to the system: the peak is what is alive
     setup = checks.load(request, world.device, reporter)
@@ -68,7 +70,7 @@ def _recover(request: RecoverRequest, world: distributed.World, reporter: Report
         if progress["done"]:
             trainer.load(partial_folder(out), progress["done"])
         with world.sharded_work():
-            result = {**train(trainer, run, partial_folder(out), progress, reporter), "plan": made.as_dict()}
+            result = {**train(trainer, run, partial_folder(out), progress, reporter, request.tasks), "plan": made.as_dict()}
             trained = trainer.full_student()
 
         def finish() -> None:

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import data, models
+from .. import data, models, tasks
 from ..compact.linear import CompactLinear
 from ..errors import UserError
 from ..evaluate import next_token_nll
 from ..measure import linear_macs, matmul_rate
 from ..pipeline.distributed import World
 from ..progress import Reporter
-from ..request import Training
+from ..request import Tasks, Training
 from ..staging import PartialFolder
 from . import loss
 from .checks import Setup
@@ -211,6 +211,18 @@ class Trainer:
         self.distiller.train()
         return math.exp(sum(self.world.gather(nll)) / windows[:, 1:].numel())
 
+    def accuracy(self, scored: Tasks) -> dict | None:
+        """lm-eval's tasks on the student as it is now. Every process runs the same requests (the
+        decoder layers' forwards are collectives), the root group gathered whole meanwhile."""
+        if not scored:
+            return None
+        self.distiller.eval()
+        with self.world.gathered(self.distiller):
+            found = tasks.run(self.distiller.student, self.setup.tokenizer, list(scored.names), num_fewshot=scored.num_fewshot,
+                              limit=scored.limit)
+        self.distiller.train()
+        return found
+
     def save(self, run: PartialFolder | None, folder: Path, progress: dict) -> None:
         """Every process writes its shards into a temporary folder; then process 0 renames it, points
         progress.json at it and removes the older one: a kill at any point leaves one consistent state."""
@@ -241,7 +253,7 @@ class Trainer:
         return {k.removeprefix("student."): v for k, v in state.items()}
 
 
-def train(trainer: Trainer, run: PartialFolder | None, folder: Path, progress: dict, reporter: Reporter) -> dict:
+def train(trainer: Trainer, run: PartialFolder | None, folder: Path, progress: dict, reporter: Reporter, scored: Tasks = Tasks()) -> dict:
     """Steps until the budget is spent (process 0's clock decides for every process), evaluating and
     checkpointing every `eval_steps`; returns the log and the throughput."""
     t, world = trainer.training, trainer.world
@@ -251,7 +263,7 @@ def train(trainer: Trainer, run: PartialFolder | None, folder: Path, progress: d
 
     def evaluate(kl: float | None = None) -> None:
         log.append({"step": step, "tokens": step * t.tokens_per_step, "seconds": round(time.perf_counter() - clock, 2),
-                    "perplexity": trainer.perplexity(), "kl": kl})
+                    "perplexity": trainer.perplexity(), "kl": kl, **({"tasks": trainer.accuracy(scored)} if scored else {})})
         reporter.record("recover.evaluation", log[-1])
         if step:
             trainer.save(run, folder, {"done": step, "log": log, "seconds": time.perf_counter() - clock})
@@ -282,7 +294,8 @@ def train(trainer: Trainer, run: PartialFolder | None, folder: Path, progress: d
     tokens_per_s = step * t.tokens_per_step / seconds
     return {"log": log, "steps": step, "tokens": step * t.tokens_per_step, "seconds": round(seconds, 1), "tokens_per_s": tokens_per_s,
             "matmul_rate": rate, "matmul_fraction": tokens_per_s * trainer.flops_per_token / rate if rate else None,
-            "flops_per_token": trainer.flops_per_token, "world": world.size, "shard_bytes": trainer.shard_bytes}
+            "flops_per_token": trainer.flops_per_token, "world": world.size, "shard_bytes": trainer.shard_bytes,
+            "peak_device_bytes": torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda" else None}
 
 
 def _autocast(device: torch.device):
