@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup setup-llamacpp demo test bench clean-venv
 
 $(STAMP): requirements-dev.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,13 @@ $(STAMP): requirements-dev.lock pyproject.toml
 
 setup: $(STAMP)
 	./scripts/get-austen.sh
+	$(VENV)/bin/thanos-deploy setup llama.cpp --no-build
+
+# Optional, once: llama.cpp's quantiser, bench tools and library (about 11 minutes on 2 cores), and
+# llama-cpp-python on that library (its own copy of llama.cpp is not built: seconds instead of an hour).
+setup-llamacpp: setup
+	$(VENV)/bin/thanos-deploy setup llama.cpp
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) --no-cache-dir llama-cpp-python==0.3.36
 
 demo: setup
 	$(VENV)/bin/thanos-deploy compare smollm2-135m --pattern 2:4 --methods dense,wanda,sparsegpt,thanos \

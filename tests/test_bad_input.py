@@ -68,6 +68,8 @@ def inputs(tmp_path_factory, tiny_folder) -> dict:
     files["ckpt_packed_no_modules"] = variant("ckpt-packed", lambda d: (d / "thanos_deploy.json").write_text(json.dumps({**manifest, "storage": "packed"})))
     files["ckpt_truncated"] = variant("ckpt-truncated", lambda d: os.truncate(d / shard, (d / shard).stat().st_size // 2))
     files["ckpt_missing_shard"] = variant("ckpt-missing", lambda d: (d / shard).unlink())
+    assert run_cli("pack", str(ckpt), "--out", str(root / "packed")).returncode == 0
+    files["packed"] = str(root / "packed")
 
     dense = root / "dense"
     tiny_model("llama").save_pretrained(dense)
@@ -233,6 +235,15 @@ CASES = [
     Case("out-special-file", ["compress", "{model}", "--out", "/dev/null", "--overwrite"], "special file"),
     Case("out-current-folder", ["compress", "{model}", "--out", ".", "--overwrite"], "current folder"),
     Case("out-unwritable", ["compress", "{model}", "--calib-tokens", "{ids}", "--out", "/proc/thanos-deploy-out"], "/proc"),
+    # export gguf (llama.cpp's converter: its sources come with `make setup`)
+    Case("gguf-unknown-type", ["export", "gguf", "{model}", "--type", "q3_x", "--out", "{ws}/m.gguf"], "unknown --type 'q3_x': choose f32, f16"),
+    Case("gguf-packed", ["export", "gguf", "{packed}", "--out", "{ws}/m.gguf"], "stored packed, which llama.cpp cannot read"),
+    Case("gguf-onnx", ["export", "gguf", "{onnx_folder}", "--out", "{ws}/m.gguf"], "is an ONNX export"),
+    Case("gguf-out-exists", ["export", "gguf", "{model}", "--out", "{ws}/m.gguf"], "--overwrite",
+         setup=lambda ws, inputs: (ws / "m.gguf").write_bytes(b"mine")),
+    Case("gguf-out-not-gguf", ["export", "gguf", "{model}", "--out", "{ws}/m.bin"], "not a .gguf file path"),
+    Case("gguf-without-llama-cpp", ["export", "gguf", "{model}", "--out", "{ws}/m.gguf"], "run `thanos-deploy setup llama.cpp`",
+         env={"THANOS_DEPLOY_CACHE": "{ws}/empty-cache"}),
     Case("export-out-under-a-file", ["export", "onnx", "{ckpt}", "--out", "{file}/onnx"], "is not a writable folder"),
     Case("disk-full", ["compress", "{model}", "--method", "wanda", "--calib-tokens", "{ids}", "--out", "{ws}/small/out"], "no space", setup=disk_full_setup,
          installed=True),
@@ -272,9 +283,10 @@ def run_case(case: Case, ws: Path, inputs: dict) -> tuple[subprocess.CompletedPr
         command = ["bash", "-c", 'trap "" XFSZ; ulimit -f 64; exec "$@"', "--", *command]
     try:
         if case.installed:
-            result = subprocess.run(command, capture_output=True, text=True, cwd=ws, timeout=600, env={**os.environ, **case.env})
+            result = subprocess.run(command, capture_output=True, text=True, cwd=ws, timeout=600,
+                                    env={**os.environ, **{k: v.format(**values) for k, v in case.env.items()}})
         else:
-            result = run_cli(*args, cwd=ws, env=case.env)
+            result = run_cli(*args, cwd=ws, env={k: v.format(**values) for k, v in case.env.items()})
         return result, before, snapshot(ws)
     finally:
         if (ws / ".mounted").exists():

@@ -164,7 +164,7 @@ def test_bench_artifacts_on_torch_end_to_end(tmp_path, tiny_folder):
 
 def test_bench_plan_on_torch_and_ort(tmp_path, tiny_folder):
     plan = tmp_path / "plan.txt"
-    plan.write_text("structured:0.25 wanda\nwidth:mlp=0.25,heads=0.5 thanos\n")
+    plan.write_text("structured:0.25 wanda\nwidth:mlp=0.25,heads=0.5,multiple=32 thanos\n")
     out = tmp_path / "bench"
     r = run_cli("bench", str(tiny_folder), "--plan", str(plan), "--backend", "torch", "--backend", "ort", "--nsamples", "4", "--seqlen", "32",
                 "--batch-sizes", "2", "--prompt-lengths", "16", "--decode-tokens", "2", "--reps", "2", "--eval-windows", "2",
@@ -172,8 +172,8 @@ def test_bench_plan_on_torch_and_ort(tmp_path, tiny_folder):
     assert r.returncode == 0, r.stderr
     rows = {row["label"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
     assert set(rows) == {"dense [torch]", "dense [ort]", "structured:0.25 wanda [torch]", "structured:0.25 wanda [ort]",
-                         "width:mlp=0.25,heads=0.5 thanos [torch]", "width:mlp=0.25,heads=0.5 thanos [ort]"}
-    plain = rows["width:mlp=0.25,heads=0.5 thanos [torch]"]
+                         "width:mlp=0.25,heads=0.5,multiple=32 thanos [torch]", "width:mlp=0.25,heads=0.5,multiple=32 thanos [ort]"}
+    plain = rows["width:mlp=0.25,heads=0.5,multiple=32 thanos [torch]"]
     assert plain["storage"] == "plain" and "plain narrower config" in plain["what_ran"]
     dense_torch = rows["dense [torch]"]
     # half the query heads: half the attention multiply-adds; column pruning keeps them all
@@ -184,7 +184,7 @@ def test_bench_plan_on_torch_and_ort(tmp_path, tiny_folder):
     attention = dense_torch["attention_macs_per_position"], plain["attention_macs_per_position"]
     assert cell["prefill_flop_ratio"] == pytest.approx((linear[0] + attention[0] * 8.5) / (linear[1] + attention[1] * 8.5))
     assert cell["decode_flop_ratio"] == pytest.approx((linear[0] + attention[0] * 17.5) / (linear[1] + attention[1] * 17.5))
-    assert rows["width:mlp=0.25,heads=0.5 thanos [ort]"]["perplexity"] == plain["perplexity"]
+    assert rows["width:mlp=0.25,heads=0.5,multiple=32 thanos [ort]"]["perplexity"] == plain["perplexity"]
     shrunk_ort, shrunk_torch = rows["structured:0.25 wanda [ort]"], rows["structured:0.25 wanda [torch]"]
     assert shrunk_ort["dense"] == "dense [ort]" and shrunk_torch["dense"] == "dense [torch]"  # ratios within one backend
     assert shrunk_ort["what_ran"].startswith("ONNX Runtime cpu") and "columns removed" in shrunk_torch["what_ran"]

@@ -42,7 +42,8 @@ def installed(tmp_path_factory) -> dict:
 
 def test_the_wheel_ships_every_module_of_the_source_tree(installed):
     names = set(zipfile.ZipFile(installed["wheel"]).namelist())
-    missing = [path.relative_to(ROOT).as_posix() for path in (ROOT / "thanos_deploy").rglob("*.py") if path.relative_to(ROOT).as_posix() not in names]
+    shipped = [*(ROOT / "thanos_deploy").rglob("*.py"), *(ROOT / "thanos_deploy" / "tasks").glob("*.yaml")]
+    missing = [path.relative_to(ROOT).as_posix() for path in shipped if path.relative_to(ROOT).as_posix() not in names]
     assert not missing, f"not in the wheel: {missing}"
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
 

@@ -51,7 +51,7 @@ def students(tmp_path_factory, teacher_folder):
         ("masked", "thanos", "2:4", "masked", {"alpha": 0.25}),
         ("packed", "thanos", "2:4", "packed", {"alpha": 0.25}),
         ("shrunk", "wanda", "structured:0.25", "shrunk", {}),
-        ("plain", "thanos", "width:mlp=0.25,heads=0.5", "plain", {}),
+        ("plain", "thanos", "width:mlp=0.25,heads=0.5,multiple=32", "plain", {}),
     ):
         oneshot(prepare(str(teacher_folder), out=root / name, method=method, pattern=pattern, **options, storage=storage, nsamples=4, seqlen=32))
         made[name] = root / name

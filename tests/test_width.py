@@ -21,7 +21,7 @@ from thanos_deploy.width import plan
 
 from .conftest import random_ids, run_cli, tiny_model
 
-PATTERN = "width:mlp=0.25,heads=0.5"
+PATTERN = "width:mlp=0.25,heads=0.5,multiple=32"
 
 
 # ---------------------------------------------------------------- the consumer's update, against the math
@@ -66,7 +66,7 @@ def test_activation_importance_removes_the_quietest_neurons_and_updates_nothing(
     hook.remove()
     quietest = torch.cat(seen).double().pow(2).sum(0).argsort()[: down.in_features // 4]
     pruned = tiny_model("llama")
-    compress_model(pruned, ids, Pruning("activation", "width:mlp=0.25"))
+    compress_model(pruned, ids, Pruning("activation", "width:mlp=0.25,multiple=32"))
     weight = models.decoder_layers(pruned)[0].mlp.down_proj.weight
     removed = (weight == 0).all(0).nonzero().flatten()
     assert sorted(removed.tolist()) == sorted(quietest.tolist())
@@ -90,12 +90,16 @@ class Config:
 
 def test_fractions_and_targets_resolve_to_whole_units_per_group():
     w = plan(parse_pattern("width:mlp=0.3,heads=0.33"), Config())  # SmolLM2: 9 heads in 3 groups of 3
-    assert w.old == (1536, 9, 3) and w.new == (1075, 6, 3) and w.head_dim == 64
+    assert w.old == (1536, 9, 3) and w.new == (1088, 6, 3) and w.head_dim == 64  # 1075.2 neurons, to the nearest multiple of 64
+    assert plan(parse_pattern("width:mlp=0.3,multiple=1"), Config()).new[0] == 1075
+    assert plan(parse_pattern("width:mlp=0.3,multiple=256"), Config()).new[0] == 1024 and w.advice() is None
+    assert "not a multiple of 16" in plan(parse_pattern("width:intermediate_size=1075"), Config()).advice()
     w = plan(parse_pattern("width:intermediate_size=1024,num_attention_heads=6"), Config())
     assert w.new == (1024, 6, 3)
     w = plan(parse_pattern("width:kv_heads=0.34,num_attention_heads=4"), Config())
     assert w.new == (1536, 4, 2)
     assert str(parse_pattern("width:heads=0.5,mlp=0.25")) == "width:mlp=0.25,heads=0.5"
+    assert str(parse_pattern("width:multiple=32,heads=0.5,mlp=0.25")) == "width:mlp=0.25,heads=0.5,multiple=32"
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -106,6 +110,8 @@ def test_fractions_and_targets_resolve_to_whole_units_per_group():
     ("width:num_key_value_heads=4", "larger than the model's 3"),
     ("width:depth=0.5", "unknown key 'depth'"),
     ("width:mlp=1.5", "fraction in [0, 1)"),
+    ("width:mlp=0.3,multiple=0", "multiple=0 must be a whole number"),
+    ("width:mlp=0.3,multiple=2048", "multiple=2048 is larger than the model's MLP width 1536"),
 ])
 def test_impossible_widths_are_one_clear_error(spec, match):
     with pytest.raises(UserError, match=match.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
@@ -133,7 +139,7 @@ assert not any(name.startswith("thanos_deploy") for name in sys.modules), "thano
 def test_plain_checkpoint_loads_in_stock_transformers_with_the_masked_models_logits(tmp_path, kind):
     tiny_model(kind).save_pretrained(tmp_path / "dense")
     save_file({"input_ids": random_ids(4, 32)}, tmp_path / "ids.safetensors")
-    pattern = "width:mlp=0.25" if kind == "opt" else PATTERN
+    pattern = "width:mlp=0.25,multiple=32" if kind == "opt" else PATTERN
     result = oneshot(prepare(str(tmp_path / "dense"), out=tmp_path / "plain", method="thanos", pattern=pattern, calib_tokens=tmp_path / "ids.safetensors"))
     masked = tiny_model(kind)
     compress_model(masked, random_ids(4, 32), Pruning("thanos", pattern))
@@ -226,4 +232,4 @@ def test_head_counts_the_family_config_refuses_are_named_before_any_work():
                                                num_key_value_heads=1, head_dim=256, vocab_size=262144)
     with pytest.raises(UserError, match=r"does not accept 3 query heads .* accepts 1, 2 or 4 query heads"):
         plan(parse_pattern("width:mlp=0.3,heads=0.25"), config)
-    assert plan(parse_pattern("width:mlp=0.3,heads=0.5"), config).new == (1434, 2, 1)
+    assert plan(parse_pattern("width:mlp=0.3,heads=0.5"), config).new == (1408, 2, 1)

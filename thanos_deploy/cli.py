@@ -11,6 +11,7 @@ import errno
 import functools
 import inspect
 import json
+import os
 import shlex
 import sys
 import time
@@ -34,6 +35,8 @@ from .compare import sweep
 from .compare import table as compare_table
 from .console import RichReporter, console, table
 from .errors import PeerLost, UserError
+from .exporters import llamacpp
+from .exporters.gguf import QUANTIZER_TYPES as GGUF_QUANTIZED, export_gguf
 from .exporters.onnx import export_checkpoint
 from .exporters.sparsity import check_file as onnx_weights
 from .exporters.tensorrt import build_engine_from
@@ -295,10 +298,10 @@ QUICK, FULL = "16×256 with --quick, else 64×512 tokens", "8×256 with --quick,
        Part("calibration", Calibration, preset=f"--plan's calibration: {QUICK}"), Part("evaluation", Evaluation, preset=f"perplexity: {FULL}; 0 skips it"),
        Part("accuracy", Tasks), Part("output", Output, only=("out", "overwrite")))
 def bench_cmd(
-    dense: str = typer.Argument(..., help="The dense model (checkpoint, ONNX folder, plan, smollm2-135m); with --plan, the model to prune"),
-    candidates: Optional[list[str]] = typer.Argument(None, help="Artifacts to compare: checkpoints (masked, shrunk, packed), ONNX folders, .plan files"),
+    dense: str = typer.Argument(..., help="The dense model (checkpoint, ONNX folder, plan, .gguf, smollm2-135m); with --plan, the model to prune"),
+    candidates: Optional[list[str]] = typer.Argument(None, help="Artifacts to compare: checkpoints (masked, shrunk, packed), ONNX folders, .plan or .gguf files"),
     plan: Optional[str] = typer.Option(None, help="Build the candidates from DENSE: 'default' or a file with one 'PATTERN METHOD[:k=v]' per line"),
-    backend: Optional[list[str]] = typer.Option(None, help="torch, ort or tensorrt; repeat for several (default: each artifact's own)"),
+    backend: Optional[list[str]] = typer.Option(None, help="torch, ort, tensorrt or llamacpp; repeat for several (default: each artifact's own)"),
     batch_sizes: Optional[str] = typer.Option(None, help="Comma-separated batch sizes (default for the device)"),
     prompt_lengths: Optional[str] = typer.Option(None, help="Comma-separated prompt lengths (default for the device)"),
     decode_tokens: Optional[int] = typer.Option(None, help="Decode steps timed per repetition"),
@@ -350,6 +353,36 @@ def export_onnx_cmd(
     show.export(report, out)
 
 
+@export_app.command("gguf")
+def export_gguf_cmd(
+    model: str = typer.Argument(..., help="An artifact with a plain architecture: dense, masked, width-pruned (plain) or recovered"),
+    out: Path = typer.Option(..., "--out", "-o", help="The .gguf file to write"),
+    kind: str = typer.Option("f16", "--type", help=f"f32, f16, bf16 or q8_0 (llama.cpp's converter), or {', '.join(GGUF_QUANTIZED)} (its quantiser)"),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists"),
+):
+    """Export to GGUF with llama.cpp's own converter and quantiser, for llama.cpp, Ollama and LM Studio; checked against the artifact."""
+    with console.status(f"converting {model} to GGUF {kind} and checking it"):
+        report = export_gguf(model, out, kind=kind, overwrite=overwrite)
+    show.gguf(report)
+
+
+setup_app = typer.Typer(no_args_is_help=True, help="Fetch and build the tools some commands use, once, into the cache.")
+app.add_typer(setup_app, name="setup")
+
+
+@setup_app.command("llama.cpp")
+def setup_llama_cpp_cmd(build: bool = typer.Option(True, "--build/--no-build", help="Also build llama.cpp's library, llama-quantize, "
+                                                   "llama-bench and llama-perplexity (about 11 minutes on 2 cores); --no-build: the converter only")):
+    """llama.cpp's converter, tools and library from the pinned llama-cpp-python sources (export gguf, --backend llamacpp)."""
+    with console.status("fetching llama.cpp's sources"):
+        tree = llamacpp.fetch()
+    console.print(f"llama.cpp sources ({llamacpp.PACKAGE} {llamacpp.VERSION}) in {tree}")
+    if build:
+        with console.status("building llama.cpp's tools (about 11 minutes on 2 cores)"):
+            tools = llamacpp.build()
+        console.print(f"llama.cpp's tools in {tools}")
+
+
 @app.command("build-engine")
 def build_engine_cmd(
     onnx_path: Path = typer.Argument(..., help="model.onnx or an exported folder"),
@@ -366,8 +399,8 @@ def build_engine_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    model: str = typer.Argument(..., help="torch: a checkpoint; ort: an exported folder or .onnx; tensorrt: a .plan"),
-    backend: str = typer.Option("torch", help="torch, ort or tensorrt"),
+    model: str = typer.Argument(..., help="A checkpoint (torch), an exported folder or .onnx (ort), a .plan (tensorrt) or a .gguf (llamacpp)"),
+    backend: Optional[str] = typer.Option(None, help="torch, ort, tensorrt or llamacpp (default: the one that runs MODEL as it is)"),
     prompt: str = typer.Option(..., help="Text to continue"),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate (greedy)"),
     device: str = typer.Option("auto", help="torch backend: auto (CUDA when present), cpu or cuda"),
@@ -376,7 +409,7 @@ def generate_cmd(
 ):
     """Greedy generation on any backend, so you can see the pruned model talk."""
     result = generate(backend, model, prompt, max_new_tokens, device=device, provider=provider, tokenizer_path=tokenizer_path)
-    show.generation(result, backend)
+    show.generation(result, result["backend"])
 
 
 @app.command("inspect")
@@ -431,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv = saved
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars (transformers' GGUF reader) under our Rich ones
     try:
         code = app(args=sys.argv[1:], prog_name="thanos-deploy", standalone_mode=False)  # Typer turns Ctrl-C into 130 here
     except UserError as e:

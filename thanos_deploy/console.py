@@ -114,6 +114,23 @@ def export(report: dict, out: Path) -> None:
     console.print(f"saved to {out}")
 
 
+def gguf(report: dict) -> None:
+    """`export gguf`: the file, what the tools kept at another type, the check against the artifact."""
+    check = report["check"]
+    console.print(f"wrote {report['out']} ({report['type']}, {report['bytes'] / 2**20:.1f} MiB) in {report['seconds']:.0f} s with llama.cpp's "
+                  f"converter{' and quantiser' if any(k['by'] == 'llama-quantize' for k in report['kept']) or report['type'] not in ('f32', 'f16', 'bf16', 'q8_0') else ''}",
+                  highlight=False)
+    for kept in report["kept"][:8]:
+        why = f" (rows of {kept['row']} are not a multiple of {kept['needs_multiple_of']})" if "needs_multiple_of" in kept else ""
+        console.print(f"  kept at {kept['type']} by the {kept['by']}: {kept['tensor']}{why}", highlight=False)
+    if len(report["kept"]) > 8:
+        console.print(f"  … and {len(report['kept']) - 8} more tensors at another type", highlight=False)
+    change = check["perplexity_change"]
+    console.print(f"  read back against the artifact on {check['windows']}×{check['seqlen']} tokens: max |logit difference| "
+                  f"{check['max_abs_logit_difference']:.2e}, perplexity {check['perplexity_artifact']:.3f} → {check['perplexity_gguf']:.3f}"
+                  + (f" ({100 * change:+.2f} %)" if change is not None else ""), highlight=False)
+
+
 def engine(report: dict, out: Path) -> None:
     s = report["sparsity"]
     console.print(f"engine saved to {out} (TensorRT {report['tensorrt']})")

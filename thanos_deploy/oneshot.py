@@ -144,6 +144,8 @@ def check_model(model: nn.Module, request: CompressRequest, reporter: Reporter =
     if request.output.storage == "plain":
         width.plain_config(model, units, widths)
     reporter.say(f"{pattern}: {widths.describe()}")
+    if advice := widths.advice():
+        reporter.warn(advice)
 
 
 def calibration_ids(model: nn.Module, tokenizer, calibration: Calibration, *, ids: torch.Tensor | None = None,

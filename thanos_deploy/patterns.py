@@ -67,20 +67,23 @@ class Structured:
 
 
 WIDTH_FRACTIONS = {"mlp": "intermediate_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads"}
+MLP_MULTIPLE = 64  # llama.cpp's fast CPU path wants inner sizes in multiples of 16, q8_0 of 32, tensor cores 8 to 64; k-quants 256
 
 
 @dataclass(frozen=True)
 class Width:
     """Per config field (intermediate_size, num_attention_heads, num_key_value_heads): a fraction of
-    the units to remove, or the count to keep. Resolved against a model by width.plan."""
+    the units to remove, or the count to keep; a fraction of the MLP leaves a multiple of `multiple`
+    neurons (the widths engines run fast). Resolved against a model by width.plan."""
 
     fractions: tuple[tuple[str, float], ...] = ()
     targets: tuple[tuple[str, int], ...] = ()
+    multiple: int = MLP_MULTIPLE
 
     def __str__(self) -> str:
         short = {v: k for k, v in WIDTH_FRACTIONS.items()}
         parts = [f"{short[k]}={v:g}" for k, v in self.fractions] + [f"{k}={v}" for k, v in self.targets]
-        return "width:" + ",".join(parts)
+        return "width:" + ",".join(parts + ([f"multiple={self.multiple}"] if self.multiple != MLP_MULTIPLE else []))
 
 
 @dataclass(frozen=True)
@@ -97,11 +100,11 @@ Pattern = Unstructured | NM | Structured | Width | Columns
 
 _HELP = "use unstructured:P (0<=P<1), N:M (0<N<M, e.g. 2:4), structured:P (0<=P<1) or width:mlp=F,heads=F (see --help)"
 _WIDTH_HELP = ("write width:KEY=VALUE[,KEY=VALUE]: fractions removed as mlp=, heads=, kv_heads= (0 <= F < 1), or counts kept "
-               "as intermediate_size=, num_attention_heads=, num_key_value_heads=")
+               "as intermediate_size=, num_attention_heads=, num_key_value_heads=; multiple=N rounds the MLP a fraction leaves (default 64)")
 
 
 def _parse_width(text: str, body: str) -> Width:
-    fractions, targets = {}, {}
+    fractions, targets, multiple = {}, {}, MLP_MULTIPLE
     for pair in (p.strip() for p in body.split(",")):
         key, sep, value = (s.strip() for s in pair.partition("="))
         if not sep or not key or not value:
@@ -121,9 +124,13 @@ def _parse_width(text: str, body: str) -> Width:
             if not value.isdigit() or int(value) < 1:
                 raise UserError(f"invalid pattern '{text}': {key}={value} must be a whole number of units to keep, at least 1")
             targets[field] = int(value)
+        elif key == "multiple":
+            if not value.isdigit() or int(value) < 1:
+                raise UserError(f"invalid pattern '{text}': multiple={value} must be a whole number of neurons, at least 1 (e.g. 64, or 256 for k-quants)")
+            multiple = int(value)
         else:
             raise UserError(f"invalid pattern '{text}': unknown key '{key}'; {_WIDTH_HELP}")
-    return Width(tuple(sorted(fractions.items())), tuple(sorted(targets.items())))
+    return Width(tuple(sorted(fractions.items())), tuple(sorted(targets.items())), multiple)
 
 
 def parse_pattern(text: str | Pattern) -> Pattern:

@@ -45,6 +45,16 @@ class Widths:
         names = list(WIDTH_FRACTIONS.values())
         return ", ".join(f"{n} {o} → {w}" if o != w else f"{n} {o}" for n, o, w in zip(names, self.old, self.new)) + f" (head_dim {self.head_dim})"
 
+    def advice(self) -> str | None:
+        """What engines do with an MLP width that is not a multiple of 16, when one was asked for."""
+        width = self.new[0]
+        if width == self.old[0] or width % 16 == 0:
+            return None
+        lower, upper = width // 64 * 64, -(-width // 64) * 64
+        return (f"intermediate_size {width} is not a multiple of 16: llama.cpp's fast CPU matrix path skips ffn_down (prompt processing "
+                f"measured at 0.55-0.79x dense for 1075), its q8_0 keeps such tensors in f16 (needs multiples of 32) as the k-quants do "
+                f"(256), and GPU tensor cores want multiples of 8 to 64; prefer {lower or 64} or {upper}, or mlp=F (rounded to multiple=64)")
+
 
 @dataclass(frozen=True)
 class Units:
@@ -77,7 +87,12 @@ def plan(pattern: Width, config) -> Widths:
     units; the same number of query heads in every KV group); impossible requests are a UserError."""
     (mlp, heads, kv), head_dim = config_widths(config)
     fractions, targets = dict(pattern.fractions), dict(pattern.targets)
-    new_mlp = targets.get("intermediate_size", round(mlp * (1 - fractions.get("intermediate_size", 0.0))))
+    new_mlp = targets.get("intermediate_size", mlp)
+    if fractions.get("intermediate_size"):  # what a fraction leaves, to the nearest multiple engines run fast
+        if pattern.multiple > mlp:
+            raise UserError(f"width: multiple={pattern.multiple} is larger than the model's MLP width {mlp}: give a multiple up to {mlp}")
+        left = mlp * (1 - fractions["intermediate_size"])
+        new_mlp = max(pattern.multiple, pattern.multiple * round(left / pattern.multiple)) if round(left) >= 1 else 0
     new_kv = targets.get("num_key_value_heads", round(kv * (1 - fractions.get("num_key_value_heads", 0.0))))
     group = heads // kv
     if "num_attention_heads" in targets:

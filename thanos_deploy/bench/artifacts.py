@@ -2,9 +2,11 @@
 facts reported next to its speed (bytes, model-FLOP ratio, pruning time, what actually ran sparse).
 
 checkpoint (masked, shrunk or packed folder)  → torch; ort after an ONNX export; tensorrt after
-                                                an fp16 export and an engine build
+                                                an fp16 export and an engine build; llamacpp after
+                                                an f16 GGUF export (plain architectures)
 ONNX folder or model.onnx                     → ort; tensorrt after an engine build
 TensorRT plan (.plan)                         → tensorrt
+GGUF file (.gguf)                             → llamacpp
 """
 
 from __future__ import annotations
@@ -14,28 +16,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from .. import loading
 from ..artifact import Manifest
 from ..compact.linear import CompactLinear
 from ..errors import UserError
+from ..exporters.gguf import export_gguf, file_type
 from ..exporters.onnx import write_artifact
 from ..exporters.tensorrt import build_engine, require_tensorrt
 from ..runtime import BACKENDS
+from ..runtime.llamacpp import binding
 
-NATIVE = {"checkpoint": "torch", "onnx": "ort", "plan": "tensorrt"}
+NATIVE = {"checkpoint": "torch", "onnx": "ort", "plan": "tensorrt", "gguf": "llamacpp"}
+GGUF_TYPE = "f16"  # a checkpoint benched on llama.cpp, when no .gguf says which type: the export that keeps its weights to rounding
 
 
 @dataclass
 class Artifact:
     label: str
     path: Path
-    kind: str  # checkpoint | onnx | plan
+    kind: str  # checkpoint | onnx | plan | gguf
     manifest: Manifest | None = field(default=None, repr=False)
 
     @property
     def config_folder(self) -> Path | None:
         """The folder with config.json: the checkpoint or ONNX folder, or the plan's ONNX folder."""
+        if self.kind == "gguf":
+            return None
         if self.kind == "plan":
             report = self.path.with_suffix(".json")
             if not report.is_file():
@@ -48,6 +56,12 @@ class Artifact:
         config = folder / "config.json" if folder else None
         return json.loads(config.read_text()).get("vocab_size") if config and config.is_file() else None
 
+    def tokenizer(self):
+        """The tokenizer next to the artifact (for a .gguf: the one stored in it, read by transformers)."""
+        if self.kind == "gguf":
+            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        return AutoTokenizer.from_pretrained(self.config_folder)
+
 
 def identify(spec: str, label: str | None = None) -> Artifact:
     """An artifact from a path (or the smollm2-135m alias), or one error line saying what to pass."""
@@ -55,17 +69,19 @@ def identify(spec: str, label: str | None = None) -> Artifact:
     if spec.lower() == loading.SMOLLM2_ALIAS:
         path = Path(loading.resolve(spec))
     if not path.exists():
-        raise UserError(f"artifact '{spec}' does not exist: pass a checkpoint folder, an ONNX folder (or model.onnx) or a TensorRT .plan")
+        raise UserError(f"artifact '{spec}' does not exist: pass a checkpoint folder, an ONNX folder (or model.onnx), a TensorRT .plan or a .gguf")
     name = label or (path.parent.name if path.name == "model.onnx" else path.stem if path.is_file() else path.name)
     if path.is_file() and path.suffix == ".plan":
         return Artifact(name, path, "plan")
     if path.is_file() and path.suffix == ".onnx":
         return Artifact(name, path, "onnx")
+    if path.is_file() and path.suffix == ".gguf":
+        return Artifact(name, path, "gguf")
     if path.is_dir() and (path / "model.onnx").is_file():
         return Artifact(name, path / "model.onnx", "onnx")
     if path.is_dir() and (path / "config.json").is_file():
         return Artifact(name, path, "checkpoint", Manifest.read(path))
-    raise UserError(f"'{spec}' is not an artifact of this tool: pass a checkpoint folder, an ONNX folder (or model.onnx) or a TensorRT .plan")
+    raise UserError(f"'{spec}' is not an artifact of this tool: pass a checkpoint folder, an ONNX folder (or model.onnx), a TensorRT .plan or a .gguf")
 
 
 def check_backend(backend: str, device: str) -> None:
@@ -77,6 +93,10 @@ def check_backend(backend: str, device: str) -> None:
             import onnxruntime  # noqa: F401
         except ImportError:
             raise UserError("--backend ort needs ONNX Runtime: pip install 'thanos-deploy[cpu]' (or [gpu])") from None
+    if backend == "llamacpp":
+        binding()
+        if device == "cuda":
+            raise UserError("--backend llamacpp runs on the CPU here (llama.cpp is built without CUDA): use --device cpu")
     if backend == "tensorrt":
         require_tensorrt()
         if not torch.cuda.is_available():
@@ -88,15 +108,31 @@ def check_backend(backend: str, device: str) -> None:
 def check_route(artifact: Artifact, backend: str) -> None:
     if artifact.kind == "plan" and backend != "tensorrt":
         raise UserError(f"'{artifact.path}' is a TensorRT plan: it runs only with --backend tensorrt")
+    if artifact.kind == "gguf" and backend != "llamacpp":
+        raise UserError(f"'{artifact.path}' is a GGUF file: it runs only with --backend llamacpp")
+    if artifact.kind == "onnx" and backend == "llamacpp":
+        raise UserError(f"'{artifact.path}' is an ONNX model: llama.cpp runs GGUF files; pass the checkpoint it came from")
     if artifact.kind == "onnx" and backend == "torch":
         raise UserError(f"'{artifact.path}' is an ONNX model: use --backend ort or tensorrt, or pass the checkpoint it came from")
 
 
-def prepare(artifact: Artifact, backend: str, workdir: Path, device: str) -> Path:
-    """The file or folder `backend` opens for `artifact`, exporting or building into `workdir` if needed."""
+def gguf_type(arts: list[Artifact]) -> str:
+    """The type checkpoints are exported to for llama.cpp: that of the .gguf files among the artifacts
+    when they agree (so the dense model is timed in the type of the candidates), else f16."""
+    types = {file_type(a.path) for a in arts if a.kind == "gguf"}
+    return types.pop() if len(types) == 1 and None not in types else GGUF_TYPE
+
+
+def prepare(artifact: Artifact, backend: str, workdir: Path, device: str, *, gguf: str = GGUF_TYPE) -> Path:
+    """The file or folder `backend` opens for `artifact`, exporting or building into `workdir` if needed
+    (a checkpoint on llama.cpp: exported as a GGUF of type `gguf`)."""
     check_route(artifact, backend)
     if NATIVE[artifact.kind] == backend:
         return artifact.path
+    if backend == "llamacpp":
+        path = workdir / f"{artifact.label}-{gguf}.gguf"
+        export_gguf(str(artifact.path), path, kind=gguf)
+        return path
     onnx = artifact.path
     if artifact.kind == "checkpoint":
         net, tokenizer = loading.load(str(artifact.path))
@@ -121,6 +157,8 @@ def backend_options(backend: str, device: str, dtype: str) -> dict:
 
 def bytes_on_disk(target: Path) -> int:
     """Weights as the backend reads them: safetensors files, model.onnx + external data, the plan."""
+    if target.suffix == ".gguf":
+        return target.stat().st_size
     onnx = target / "model.onnx" if target.is_dir() else target
     if onnx.is_file() and onnx.suffix in (".onnx", ".plan"):
         return sum(p.stat().st_size for p in onnx.parent.glob(onnx.name + "*") if p.suffix in (".onnx", ".data", ".plan"))
@@ -144,6 +182,8 @@ def what_ran(artifact: Artifact, backend: str, device: str, runner, target: Path
         if storage == "plain":
             return f"torch {device}: smaller dense matmuls and fewer heads ({pattern}: a plain narrower config)", False
         return f"torch {device}: dense matmuls" + (f" ({pattern} zeros multiplied)" if pattern else ""), False
+    if backend == "llamacpp":
+        return f"llama.cpp CPU: {runner.description} (ggml kernels, weight repacking off, one sequence)", False
     if backend == "ort":
         report = target / "export_report.json" if target.is_dir() else target.parent / "export_report.json"
         two_four = json.loads(report.read_text()).get("two_four") if report.is_file() else None

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from .. import data, loading, measure, plots, tasks
 from ..artifact import check_output, staged
@@ -31,13 +31,21 @@ from . import plan as plans
 
 
 def _rows(arts: list[artifacts.Artifact], backends: list[str] | None) -> list[tuple[str, artifacts.Artifact, str]]:
-    """(row label, artifact, backend): every artifact on every requested backend (default: its own)."""
+    """(row label, artifact, backend): every artifact on every requested backend; by default each
+    candidate on its own, and the dense model (arts[0]) on each of those, so that every speed-up is
+    against the dense model on the same backend (a .gguf candidate: the dense model exported to GGUF)."""
+    if backends:
+        per_artifact = {id(art): backends for art in arts}
+    else:
+        used = list(dict.fromkeys(artifacts.NATIVE[art.kind] for art in arts[1:])) or [artifacts.NATIVE[arts[0].kind]]
+        per_artifact = {id(art): [artifacts.NATIVE[art.kind]] for art in arts[1:]} | {id(arts[0]): used}
+    several = len({b for chosen in per_artifact.values() for b in chosen}) > 1
     rows = []
     for art in arts:
-        for backend in backends or [artifacts.NATIVE[art.kind]]:
+        for backend in per_artifact[id(art)]:
             artifacts.check_route(art, backend)
-            rows.append((art.label if not backends or len(backends) == 1 else f"{art.label} [{backend}]", art, backend))
-    return rows
+            rows.append((f"{art.label} [{backend}]" if several else art.label, art, backend))
+    return sorted(rows, key=lambda row: [b for _, _, b in rows].index(row[2]))  # grouped by backend, the dense row first in each
 
 
 QUICK = (Calibration(nsamples=16, seqlen=256), Evaluation(windows=8, seqlen=256))
@@ -68,7 +76,8 @@ def bench(
     calibration and 32×512 evaluation tokens, or with `quick` a small grid, 16×256 and 8×256.
     `accuracy`: lm-eval tasks run on each artifact that has a torch row."""
     device = pick_device(execution.device).type
-    grid = replace(timing.default_grid(device, quick), **(grid or {}))
+    grid_asked = grid or {}
+    grid = replace(timing.default_grid(device, quick), **grid_asked)
     presets = QUICK if quick else FULL
     calibration = replace(presets[0], **(calibration or {}))
     evaluation = replace(presets[1], **(evaluation or {}))
@@ -76,6 +85,7 @@ def bench(
         raise UserError("batch sizes, prompt lengths and --decode-tokens must be at least 1, --reps at least 2")
     for backend in backends or []:
         artifacts.check_backend(backend, device)
+    grid = _one_sequence(grid, backends or [], grid_asked=grid_asked)
     if accuracy:
         tasks.check(list(accuracy.names))
     check_output(out, overwrite)
@@ -102,15 +112,17 @@ def bench(
         rows = _rows(arts, backends)
         for _, _, backend in rows:
             artifacts.check_backend(backend, device)
+        grid = _one_sequence(grid, [backend for _, _, backend in rows], grid_asked=grid_asked)
         vocab = arts[0].vocab()
         for art in arts[1:]:
             if vocab is not None and art.vocab() not in (None, vocab):
                 raise UserError(f"'{art.path}' has a vocabulary of {art.vocab()} tokens, the dense model {vocab}: compare models of one family and tokenizer")
 
         runners, targets, facts = {}, {}, {}
+        gguf = artifacts.gguf_type(arts)
         for label, art, backend in rows:
             step(f"preparing {label}")
-            targets[label] = artifacts.prepare(art, backend, workdir, device)
+            targets[label] = artifacts.prepare(art, backend, workdir, device, gguf=gguf)
             runners[label] = open_backend(backend, str(targets[label]), **artifacts.backend_options(backend, device, execution.dtype))
             logits, _ = runners[label].prefill(torch.zeros(1, 2, dtype=torch.long))
             vocab = vocab or logits.shape[-1]
@@ -169,6 +181,15 @@ def bench(
     return result
 
 
+def _one_sequence(grid: timing.Grid, backends: list[str], *, grid_asked: dict) -> timing.Grid:
+    """llama.cpp runs one sequence at a time here: a bench with a llamacpp row times batch 1."""
+    if "llamacpp" not in backends:
+        return grid
+    if max(grid_asked.get("batch_sizes") or (1,)) > 1:
+        raise UserError("--backend llamacpp runs one sequence at a time: pass --batch-sizes 1, or leave it out")
+    return replace(grid, batch_sizes=(1,))
+
+
 def _unique_labels(arts: list[artifacts.Artifact]) -> None:
     seen: dict[str, int] = {}
     for art in arts:
@@ -195,7 +216,7 @@ def _eval_windows(dense: artifacts.Artifact, evaluation: Evaluation):
     if evaluation.windows < 1:
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(dense.config_folder)
+        tokenizer = dense.tokenizer()
     except (OSError, ValueError, TypeError):
         raise UserError(f"no tokenizer next to '{dense.path}' for the perplexity: pass --eval-windows 0 to skip it") from None
     return data.windows(data.evaluation_tokens(evaluation.data, tokenizer), evaluation.seqlen, evaluation.windows)
