@@ -106,6 +106,16 @@ def inputs(tmp_path_factory, tiny_folder) -> dict:
     files["gpt2"] = str(gpt2)
 
     files["gguf_garbage"] = str(_bytes(root / "garbage.gguf", b"GGUF" + os.urandom(2000)))
+    import gguf
+
+    writer = gguf.GGUFWriter(str(root / "rwkv.gguf"), "rwkv6")  # a valid GGUF of an architecture transformers cannot map
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    files["gguf_unmapped"] = str(root / "rwkv.gguf")
     files["onnx_garbage"] = str(_bytes(root / "garbage.onnx", os.urandom(3000)))
     files["onnx_empty"] = str(_bytes(root / "empty.onnx", b""))
     onnx_dir = root / "onnx-folder"
@@ -200,6 +210,7 @@ CASES = [
     Case("safetensors-truncated", ["eval", "{dense_truncated}"], "dense-truncated"),
     Case("offload-safetensors-truncated", ["compress", "{dense_truncated}", "--offload", "--calib-tokens", "{ids}", "--out", "{out}"], "dense-truncated"),
     Case("gguf-garbage", ["eval", "{gguf_garbage}"], "garbage.gguf"),
+    Case("gguf-unmapped-architecture", ["compress", "{gguf_unmapped}", "--calib-tokens", "{ids}", "--out", "{out}"], "a model transformers cannot map"),
     Case("not-a-model-file", ["eval", "{text}"], "is not a model"),
     Case("unsupported-family", ["compress", "{gpt2}", "--out", "{ws}/new/deeper/out"], "unsupported architecture 'gpt2'"),
     Case("nan-weights", ["compress", "{nan_model}", "--calib-tokens", "{ids}", "--out", "{out}"], "layers.1.self_attn.q_proj"),

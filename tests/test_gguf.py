@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from thanos_deploy import llamacpp_build as llamacpp
 from thanos_deploy.errors import UserError
-from thanos_deploy.exporters import llamacpp
 from thanos_deploy.exporters.gguf import export_gguf
 
 from .conftest import run_cli, tiny_model

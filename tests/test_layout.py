@@ -16,13 +16,13 @@ from thanos_deploy import compress_model, oneshot, prepare, recover
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "thanos_deploy"
-LAZY = {"onnxruntime", "tensorrt", "datasets", "lm_eval"}  # optional extras, imported where they are needed
+LAZY = {"onnxruntime", "tensorrt", "datasets", "lm_eval", "llama_cpp"}  # optional extras, imported where they are needed
 
 # The folders and top-level modules of the package, lowest first: a unit may import its own layer
 # or a lower one, never a higher one, and two units never import each other.
 LAYERS = [
     {"errors"},
-    {"patterns", "models", "targets", "hub", "austen", "data", "tasks", "progress", "plots"},
+    {"patterns", "models", "targets", "hub", "austen", "data", "tasks", "progress", "plots", "llamacpp_build"},
     {"methods", "compact", "width"},
     {"artifact", "staging", "loading", "request", "inspection", "measure", "evaluate"},
     {"pipeline"},

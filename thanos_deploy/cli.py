@@ -35,7 +35,7 @@ from .compare import sweep
 from .compare import table as compare_table
 from .console import RichReporter, console, table
 from .errors import PeerLost, UserError
-from .exporters import llamacpp
+from . import llamacpp_build as llamacpp
 from .exporters.gguf import QUANTIZER_TYPES as GGUF_QUANTIZED, export_gguf
 from .exporters.onnx import export_checkpoint
 from .exporters.sparsity import check_file as onnx_weights

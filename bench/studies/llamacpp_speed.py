@@ -35,9 +35,9 @@ import torch
 from transformers import AutoTokenizer
 
 from thanos_deploy import data, loading
+from thanos_deploy import llamacpp_build as llamacpp
 from thanos_deploy.bench.timing import speedup
 from thanos_deploy.evaluate import windows_perplexity
-from thanos_deploy.exporters import llamacpp
 from thanos_deploy.exporters.gguf import export_gguf
 from thanos_deploy.measure import machine, markdown_table, matmul_rate
 from thanos_deploy.runtime.llamacpp import LlamaCppBackend

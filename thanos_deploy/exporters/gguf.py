@@ -1,6 +1,6 @@
 """`export gguf`: an artifact whose architecture is a plain one (dense, masked, width-pruned plain,
 recovered) to a GGUF file for llama.cpp, Ollama and LM Studio, with llama.cpp's own converter and
-quantiser (llamacpp.py): f32, f16, bf16 and q8_0 straight from the converter, the other types
+quantiser (llamacpp_build.py): f32, f16, bf16 and q8_0 straight from the converter, the other types
 (q4_k_m, q5_k_m, q6_k, q4_0, …) through llama-quantize from an f32 conversion. Every tensor the
 tools kept at another type is reported. Then the file is checked against the artifact: its
 weights, read back by transformers' GGUF loader, give logits on a few windows of the evaluation
@@ -16,14 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import gguf
 import torch
 from transformers import AutoModelForCausalLM
 
 from .. import data, loading
+from .. import llamacpp_build as llamacpp
 from ..artifact import Manifest, check_output
 from ..errors import UserError
 from ..evaluate import windows_perplexity
-from . import llamacpp
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
@@ -68,8 +69,6 @@ def export_gguf(model: str, out: Path, *, kind: str = "f16", overwrite: bool = F
 
 def file_type(path: Path) -> str | None:
     """The type a GGUF file was written as (`general.file_type`: f16, q8_0, q4_k_m, …), None when unknown."""
-    import gguf
-
     try:
         name = gguf.LlamaFileType(gguf.GGUFReader(path).fields["general.file_type"].contents()).name.lower()
     except (KeyError, ValueError, OSError):

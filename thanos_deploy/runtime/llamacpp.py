@@ -16,10 +16,11 @@ import os
 import weakref
 from pathlib import Path
 
+import gguf
 import torch
 
+from .. import llamacpp_build as llamacpp
 from ..errors import UserError
-from ..exporters import llamacpp
 from .base import Backend
 
 CONTEXT, BATCH = 2048, 512
@@ -44,8 +45,6 @@ def binding():
 
 def _trained_context(path: Path) -> int:
     """The context length the file declares (its `<arch>.context_length`), or the default when it has none."""
-    import gguf
-
     try:
         fields = gguf.GGUFReader(path).fields
         arch = fields["general.architecture"].contents()

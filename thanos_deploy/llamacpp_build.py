@@ -1,8 +1,9 @@
-"""llama.cpp's own tools, from the sources that the pinned `llama-cpp-python` source distribution on
-the package index carries (no maintained package ships the converter): fetched once into the cache
-(its sha256 checked), the converter run from there, the C++ tools built there once.
+"""llama.cpp's own converter, tools and library, from the sources that the pinned `llama-cpp-python`
+source distribution on the package index carries (no maintained package ships the converter):
+fetched once into the cache (its sha256 checked), the converter run from there, the C++ tools and
+libllama.so built there once. exporters/gguf.py and runtime/llamacpp.py both use it.
 
-    thanos-deploy setup llama.cpp              # fetch the sources and build llama-quantize, llama-bench, llama-perplexity
+    thanos-deploy setup llama.cpp              # fetch the sources; build llama-quantize, llama-bench, llama-perplexity, libllama.so
     thanos-deploy setup llama.cpp --no-build   # the converter only: GGUF exports in f32, f16, bf16 and q8_0
 
 The converter (`convert_hf_to_gguf.py`) runs in this Python with llama.cpp's own `gguf-py` (the
@@ -11,6 +12,7 @@ package index's `gguf` lags behind it) and needs `sentencepiece` even for BPE to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,9 +23,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from .. import hub
-from ..artifact import sha256
-from ..errors import UserError
+from . import hub
+from .errors import UserError
 
 PACKAGE, VERSION = "llama-cpp-python", "0.3.36"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -67,7 +68,7 @@ def fetch() -> Path:
             archive = Path(tmp) / "sdist.tar.gz"
             with urllib.request.urlopen(url, timeout=600) as response, open(archive, "wb") as out:
                 shutil.copyfileobj(response, out)
-            if sha256(archive) != SHA256:
+            if hashlib.sha256(archive.read_bytes()).hexdigest() != SHA256:
                 raise UserError(f"the {PACKAGE} {VERSION} source distribution does not match its sha256: download it again")
             prefix = f"{PACKAGE.replace('-', '_')}-{VERSION}/vendor/llama.cpp/"
             with tarfile.open(archive) as tar:
