@@ -5,7 +5,7 @@ perplexity and the two offline lm-eval tasks, with a paired test between methods
 
 For each calibration seed (which Austen windows calibrate: `--seed` of compress), each method prunes
 SmolLM2-135M at unstructured 50 % and at 2:4, and Thanos and Wanda prune it to width
-`width:mlp=0.3,heads=0.33` (32 x 512 calibration tokens, one load and one calibration set per seed:
+`width:mlp=0.3,heads=0.33` (`--calibration`, default 32 x 512 tokens, one load and one calibration set per seed:
 compare()). Every model gets perplexity on 16 x 512 tokens of Emma + Persuasion and accuracy on
 austen_cloze and austen_next (the first `--limit` items of each, default all 500). Then per
 pattern and metric: mean ± sd over seeds, and for each pair of methods the paired differences over
@@ -50,33 +50,37 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--limit", type=int, default=None, help="score the first N items of each task (default: all)")
     ap.add_argument("--patterns", default=";".join(PATTERNS), help="patterns to run, ;-separated (default: all three)")
+    ap.add_argument("--calibration", default="32x512", help="calibration windows x tokens per seed")
     ap.add_argument("--extra", type=Path, nargs="*", default=[], help="artifacts scored once beside the seeds (e.g. a width model and its recovered one)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "results")
     args = ap.parse_args()
     torch.manual_seed(0)
+    nsamples, seqlen = (int(v) for v in args.calibration.split("x"))
     scored = Tasks(names=TASKS, limit=args.limit)
     evaluation = Evaluation(windows=16, seqlen=512)
     started = time.time()
     rows = []
-    for seed in range(args.seeds):
-        for pattern in args.patterns.split(";"):
-            methods = PATTERNS[pattern]
-            runs = ([Run("dense")] if seed == 0 and not rows else []) + [Run(m) for m in methods]
-            for row in compare(MODEL, runs, pattern, calibration=Calibration(nsamples=32, seqlen=512, seed=seed), evaluation=evaluation,
-                               scored=scored):
-                rows.append({**row, "seed": seed, "study_pattern": pattern})
-                print(f"seed {seed} {pattern:26s} {row['label']:10s} ppl {row['perplexity']:8.3f}  "
-                      + "  ".join(f"{t} {row['tasks'][t]['acc']:.3f}" for t in TASKS) + f"  ({time.time() - started:.0f} s)", flush=True)
-    for folder in args.extra:
+    args.out.mkdir(parents=True, exist_ok=True)
+    for folder in args.extra:  # first: the short part
         model, tokenizer = loading.load(str(folder), dtype="float32")
         windows = data.windows(data.evaluation_tokens("austen", tokenizer), models.context_length(model, 512), 16)
         row = {"label": folder.name, "method": "extra", "seed": None, "study_pattern": "extra",
                **perplexity(model, windows), "tasks": tasks.run(model, tokenizer, list(TASKS), limit=args.limit)}
         rows.append(row)
-        print(f"{row['label']}: ppl {row['perplexity']:.3f}", flush=True)
+        print(f"{row['label']}: ppl {row['perplexity']:.3f}  " + "  ".join(f"{t} {row['tasks'][t]['acc']:.3f}" for t in TASKS), flush=True)
+    for seed in range(args.seeds):
+        for pattern in args.patterns.split(";"):
+            methods = PATTERNS[pattern]
+            runs = ([Run("dense")] if not any(r["method"] == "dense" for r in rows) else []) + [Run(m) for m in methods]
+            for row in compare(MODEL, runs, pattern, calibration=Calibration(nsamples=nsamples, seqlen=seqlen, seed=seed), evaluation=evaluation,
+                               scored=scored):
+                rows.append({**row, "seed": seed, "study_pattern": pattern})
+                (args.out / "accuracy-seeds.partial.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")  # a long study keeps what it has
+                print(f"seed {seed} {pattern:26s} {row['label']:10s} ppl {row['perplexity']:8.3f}  "
+                      + "  ".join(f"{t} {row['tasks'][t]['acc']:.3f}" for t in TASKS) + f"  ({time.time() - started:.0f} s)", flush=True)
     summary = summarize(rows, args.seeds, args.patterns.split(";"))
     result = {"machine": {**machine(), "matmul_gflops": matmul_rate() / 1e9}, "seeds": args.seeds, "limit": args.limit,
-              "calibration": "austen, 32 x 512 per seed", "evaluation": "austen, 16 x 512", "seconds": round(time.time() - started),
+              "calibration": f"austen, {nsamples} x {seqlen} per seed", "evaluation": "austen, 16 x 512", "seconds": round(time.time() - started),
               "rows": rows, "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "accuracy-seeds.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

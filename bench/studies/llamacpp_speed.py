@@ -1,6 +1,6 @@
 """Width-pruned SmolLM2 on llama.cpp: size, perplexity and speed against the dense model, per GGUF type.
 
-    python bench/studies/llamacpp_speed.py [--work DIR] [--repetitions 7] [--recovered FOLDER]
+    python bench/studies/llamacpp_speed.py [--work DIR] [--repetitions 5] [--recovered FOLDER]
 
 Needs `make setup-llamacpp` (llama.cpp's tools and library, llama-cpp-python). Models (Thanos,
 32 x 512 Austen calibration tokens), each exported with `thanos-deploy export gguf`:
@@ -81,12 +81,11 @@ def bench_once(path: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "thanos-deploy" / "studies" / "llamacpp-speed")
-    ap.add_argument("--repetitions", type=int, default=7)
+    ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--recovered", type=Path, default=None, help="also a recovered width model (a folder recover wrote)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "results")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
     folders = {name: folder_of(name, pattern, args.work) for name, pattern in MODELS.items()}
     if args.recovered:
         folders["recovered"] = args.recovered
@@ -97,7 +96,7 @@ def main() -> None:
         model, _ = loading.load(str(folder), dtype="float32")
         with torch.no_grad():
             torch_ppl = windows_perplexity(lambda batch: model(input_ids=batch).logits, windows)["perplexity"]
-        for kind in ("f32", *TYPES):
+        for kind in TYPES:
             path = args.work / f"{folder.name}-{kind}.gguf"
             export = export_gguf(str(folder), path, kind=kind, overwrite=True)
             backend = LlamaCppBackend(str(path), threads=2)

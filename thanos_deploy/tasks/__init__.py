@@ -156,8 +156,8 @@ def run(model: torch.nn.Module, tokenizer, names: list[str], *, num_fewshot: int
     from lm_eval.models.huggingface import HFLM
 
     standard = any(n not in OFFLINE for n in names)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    with _quiet():
+    with _quiet():  # HFLM warns on stderr about being handed a loaded model: what this function is for
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = lm_eval.simple_evaluate(model=lm, tasks=list(names), num_fewshot=num_fewshot, limit=limit, task_manager=_manager(standard),
                                           bootstrap_iters=1000, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     if results is None:  # under torchrun lm-eval reports on the first process only (all of them ran every request)
