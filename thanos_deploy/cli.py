@@ -11,7 +11,6 @@ import errno
 import functools
 import inspect
 import json
-import os
 import shlex
 import sys
 import time
@@ -464,7 +463,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv = saved
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars (transformers' GGUF reader) under our Rich ones
     try:
         code = app(args=sys.argv[1:], prog_name="thanos-deploy", standalone_mode=False)  # Typer turns Ctrl-C into 130 here
     except UserError as e:

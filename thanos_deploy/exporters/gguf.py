@@ -10,6 +10,9 @@ text equal to the artifact's to rounding (f32, f16, bf16), or a perplexity chang
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import re
 import tempfile
@@ -19,6 +22,7 @@ from pathlib import Path
 import gguf
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .. import data, loading
 from .. import llamacpp_build as llamacpp
@@ -53,7 +57,7 @@ def export_gguf(model: str, out: Path, *, kind: str = "f16", overwrite: bool = F
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent if out.parent.exists() else None) as tmp:
         first = Path(tmp) / f"converted-{kind if kind in CONVERTER_TYPES else 'f32'}.gguf"
-        lines = llamacpp.convert(folder, first, kind if kind in CONVERTER_TYPES else "f32")
+        lines = llamacpp.convert(_named_architecture(folder, Path(tmp)), first, kind if kind in CONVERTER_TYPES else "f32")
         kept = _converter_kept(lines, kind)
         made = first
         if kind in QUANTIZER_TYPES:
@@ -93,6 +97,23 @@ def _plain_folder(model: str) -> Path:
     return Path(where)
 
 
+def _named_architecture(folder: Path, tmp: Path) -> Path:
+    """The folder, or a view of it (links to its files) whose config.json names the model class:
+    llama.cpp's converter picks its architecture from `architectures`, which folders converted
+    from GGUF by earlier versions of this tool lack."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("architectures"):
+        return folder
+    view = tmp / "view"
+    view.mkdir()
+    for item in folder.iterdir():
+        if item.name != "config.json":
+            (view / item.name).symlink_to(item.resolve())
+    config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]
+    (view / "config.json").write_text(json.dumps(config, indent=2))
+    return view
+
+
 def _converter_kept(lines: list[str], kind: str) -> list[dict]:
     """Tensors the converter stored at another type than asked for (it skips what it cannot quantise)."""
     if kind not in ("q8_0", "bf16", "f16"):
@@ -119,7 +140,8 @@ def verify(folder: Path, gguf: Path, kind: str) -> dict:
     evaluation text: max |logit difference| and the perplexity of each."""
     source, tokenizer = loading.load(str(folder), dtype="float32")
     try:
-        back = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+        with contextlib.redirect_stderr(io.StringIO()):  # its own tqdm bar, which transformers' progress switch does not reach
+            back = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise UserError(f"transformers cannot read back the GGUF it was given ({str(e).splitlines()[0]})") from None
     windows = data.windows(data.evaluation_tokens("austen", tokenizer), CHECK_SEQLEN, CHECK_WINDOWS)
