@@ -5,13 +5,13 @@
 Needs `make setup-llamacpp` (llama.cpp's tools and library, llama-cpp-python). Models (Thanos,
 32 x 512 Austen calibration tokens), each exported with `thanos-deploy export gguf`:
 - dense SmolLM2-135M;
-- width:mlp=0.3,heads=0.33 at three roundings of the MLP width: none (1075 neurons), the default
-  multiple of 64 (1088) and multiple=256 (1024), all with 6 of 9 query heads;
+- width:mlp=0.3,heads=0.33 at three roundings of the MLP width: none (1075 neurons, a perplexity
+  check only), the default multiple of 64 (1088) and multiple=256 (1024), all with 6 of 9 query heads;
 - 2:4 masked (for the perplexity check only: llama.cpp has no sparse kernels);
 - optionally a recovered model (`--recovered`).
 
-Per model and type (f16, q8_0, q4_k_m): bytes, the tensors the tools kept at another type, and
-perplexity measured by llama.cpp itself (llama-cpp-python on 16 x 512 tokens of Emma + Persuasion)
+Per model and type (f16, q8_0, q4_k_m; f16 only for the 1075 and 2:4 checks): bytes, the tensors the tools kept at another type, and
+perplexity measured by llama.cpp itself (llama-cpp-python on 4 x 512 tokens of Emma + Persuasion)
 beside the torch artifact's on the same windows. Speed with llama-bench: prompt processing of 512
 tokens and generation of 128, 2 threads, weight repacking off (`--repack 0`: its AMX path crashes on
 this machine's CPU), one repetition per call, the calls interleaved over models and repetitions so
@@ -46,9 +46,10 @@ CLI = str(Path(sys.executable).with_name("thanos-deploy"))
 WIDTH = "width:mlp=0.3,heads=0.33"
 MODELS = {"dense": None, "width 1075 (no rounding)": f"{WIDTH},multiple=1", "width 1088 (multiple 64, default)": WIDTH,
           "width 1024 (multiple 256)": f"{WIDTH},multiple=256", "2:4 masked": "2:4"}
-SPEED_MODELS = ("dense", "width 1075 (no rounding)", "width 1088 (multiple 64, default)", "width 1024 (multiple 256)")
+SPEED_MODELS = ("dense", "width 1088 (multiple 64, default)", "width 1024 (multiple 256)")
 TYPES = ("f16", "q8_0", "q4_k_m")
-EVAL_WINDOWS, EVAL_SEQLEN = 16, 512
+PERPLEXITY_ONLY = {"2:4 masked": ("f16",), "width 1075 (no rounding)": ("f16",)}  # checks of the export, not speed rows
+EVAL_WINDOWS, EVAL_SEQLEN = 4, 512
 
 
 def folder_of(name: str, pattern: str | None, work: Path) -> Path:
@@ -67,7 +68,7 @@ def decoder_fraction(folder: Path) -> float:
         heads, kv, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         return config.num_hidden_layers * (2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim + 3 * hidden * config.intermediate_size)
-    return linears(loading.load_config(str(folder))) / linears(loading.load_config(loading.SMOLLM2_ALIAS))
+    return linears(loading.load_config(str(folder))[1]) / linears(loading.load_config(loading.SMOLLM2_ALIAS)[1])
 
 
 def bench_once(path: Path) -> dict:
@@ -96,9 +97,11 @@ def main() -> None:
         model, _ = loading.load(str(folder), dtype="float32")
         with torch.no_grad():
             torch_ppl = windows_perplexity(lambda batch: model(input_ids=batch).logits, windows)["perplexity"]
-        for kind in TYPES:
+        for kind in PERPLEXITY_ONLY.get(name, TYPES):
             path = args.work / f"{folder.name}-{kind}.gguf"
-            export = export_gguf(str(folder), path, kind=kind, overwrite=True)
+            done = path.with_suffix(".json")  # an export of an earlier run of this study, with its report
+            export = json.loads(done.read_text()) if done.is_file() and path.is_file() else export_gguf(str(folder), path, kind=kind, overwrite=True)
+            done.write_text(json.dumps(export))
             backend = LlamaCppBackend(str(path), threads=2)
             ppl = windows_perplexity(lambda batch: backend.step(batch, None, None, None)[0], windows)["perplexity"]
             backend.llm.close()
