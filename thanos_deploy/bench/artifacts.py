@@ -3,7 +3,8 @@ facts reported next to its speed (bytes, model-FLOP ratio, pruning time, what ac
 
 checkpoint (masked, shrunk or packed folder)  → torch; ort after an ONNX export; tensorrt after
                                                 an fp16 export and an engine build; llamacpp after
-                                                an f16 GGUF export (plain architectures)
+                                                a GGUF export in the .gguf candidates' type (f16
+                                                when there are none; plain architectures only)
 ONNX folder or model.onnx                     → ort; tensorrt after an engine build
 TensorRT plan (.plan)                         → tensorrt
 GGUF file (.gguf)                             → llamacpp
