@@ -66,3 +66,54 @@ def test_lm_evals_own_command_line_gives_the_same_accuracy_on_a_plain_folder(tmp
     written = json.loads(next((tmp_path / "lm-eval").rglob("results_*.json")).read_text())["results"]["austen_next"]
     mine = json.loads(ours.stdout)["tasks"]["austen_next"]
     assert written["acc,none"] == mine["acc"] and written["acc_norm,none"] == mine["acc_norm"]
+
+
+# ---------------------------------------------------------------- the seeds study's statistics
+
+
+def _accuracy_seeds():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("accuracy_seeds", Path(__file__).parents[1] / "bench" / "studies" / "accuracy_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(method, seed, perplexity, cloze, pattern="2:4"):
+    metrics = {"austen_cloze": {"acc": cloze, "perplexity": 2 * perplexity}, "austen_next": {"acc": 0.3, "acc_norm": 0.3}}
+    return {"method": method, "seed": seed, "study_pattern": pattern, "perplexity": perplexity, "tasks": metrics}
+
+
+def test_the_seeds_study_pairs_methods_by_seed_and_says_which_is_better():
+    study = _accuracy_seeds()
+    # thanos − sparsegpt perplexity differences -1, -2, -3: mean -2, sd 1, t = -2√3 on 2 degrees of freedom,
+    # whose two-sided p is 1 − |t|/√(2 + t²) in closed form; cloze differences -0.01, +0.02, -0.04
+    rows = [_row("dense", None, 30, 0.5)]
+    for seed, (t, s, w) in enumerate([(40, 41, 90), (41, 43, 95), (42, 45, 99)]):
+        rows += [_row("thanos", seed, t, 0.40 - (0.01, -0.02, 0.04)[seed]), _row("sparsegpt", seed, s, 0.40), _row("wanda", seed, w, 0.30 + seed / 100)]
+    summary = study.summarize(rows)["2:4"]
+    assert summary["seeds"] == 3 and summary["stats"]["sparsegpt"]["perplexity"] == {"mean": 43.0, "sd": 2.0}
+    test = {(t["a"], t["b"], t["metric"]): t for t in summary["tests"]}
+    ppl = test["thanos", "sparsegpt", "perplexity"]
+    t_stat = -2 * 3 ** 0.5
+    assert ppl["mean_difference"] == -2.0 and ppl["sd_difference"] == 1.0
+    assert ppl["p"] == pytest.approx(1 - abs(t_stat) / (2 + t_stat**2) ** 0.5, rel=1e-9)
+    assert ppl["better"] == "thanos" and ppl["better_in_seeds"] == 3  # lower perplexity is better
+    cloze = test["thanos", "sparsegpt", "austen_cloze acc"]
+    assert cloze["better"] == "sparsegpt" and cloze["better_in_seeds"] == 2  # higher accuracy is better; sparsegpt led in seeds 0 and 2
+    assert test["thanos", "sparsegpt", "austen_next acc"]["better"] == "tie" and test["thanos", "sparsegpt", "austen_next acc"]["p"] == 1.0
+    with pytest.raises(SystemExit, match="same seeds"):
+        study.summarize([r for r in rows if not (r["method"] == "wanda" and r["seed"] == 1)])
+
+
+def test_the_seeds_study_merges_runs_of_one_protocol_only():
+    study = _accuracy_seeds()
+    protocol = {"machine": {}, "limit": 200, "calibration": "austen, 16 x 512 per seed", "evaluation": "austen, 16 x 512"}
+    a = {**protocol, "seconds": 10, "rows": [_row("dense", None, 30, 0.5), _row("thanos", 0, 40, 0.4)]}
+    b = {**protocol, "seconds": 5, "rows": [_row("dense", None, 30, 0.5), _row("thanos", 0, 50, 0.3, pattern="width")]}
+    merged = study.merge([a, b])
+    assert merged["seconds"] == 15 and [r["method"] for r in merged["rows"]] == ["dense", "thanos", "thanos"]
+    with pytest.raises(SystemExit, match="one protocol"):
+        study.merge([a, {**b, "limit": 100}])

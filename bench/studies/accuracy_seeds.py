@@ -2,10 +2,11 @@
 perplexity and the two offline lm-eval tasks, with a paired test between methods.
 
     python bench/studies/accuracy_seeds.py [--seeds 5] [--limit N] [--patterns "unstructured:0.5;2:4"] [--extra FOLDER ...]
+    python bench/studies/accuracy_seeds.py --merge A/accuracy-seeds.json B/accuracy-seeds.json   # runs of one protocol, summarized together
 
 For each calibration seed (which Austen windows calibrate: `--seed` of compress), each method prunes
 SmolLM2-135M at unstructured 50 % and at 2:4, and Thanos and Wanda prune it to width
-`width:mlp=0.3,heads=0.33` (`--calibration`, default 32 x 512 tokens, one load and one calibration set per seed:
+`width:mlp=0.3,heads=0.33,multiple=256`, the README's width model (`--calibration`, default 32 x 512 tokens, one load and one calibration set per seed:
 compare()). Every model gets perplexity on 16 x 512 tokens of Emma + Persuasion and accuracy on
 austen_cloze and austen_next (the first `--limit` items of each, default all 500). Then per
 pattern and metric: mean ± sd over seeds, and for each pair of methods the paired differences over
@@ -35,9 +36,10 @@ from thanos_deploy.request import Calibration, Evaluation, Tasks
 
 MODEL = "smollm2-135m"
 PATTERNS = {"unstructured:0.5": ("thanos", "sparsegpt", "wanda"), "2:4": ("thanos", "sparsegpt", "wanda"),
-            "width:mlp=0.3,heads=0.33": ("thanos", "wanda")}
+            "width:mlp=0.3,heads=0.33,multiple=256": ("thanos", "wanda")}
 TASKS = ("austen_cloze", "austen_next")
 METRICS = (("perplexity", "perplexity", False), ("austen_cloze acc", ("austen_cloze", "acc"), True),
+           ("austen_cloze word perplexity", ("austen_cloze", "perplexity"), False),  # the probability behind the cloze's top-1 test
            ("austen_next acc", ("austen_next", "acc"), True), ("austen_next acc_norm", ("austen_next", "acc_norm"), True))
 
 
@@ -53,7 +55,10 @@ def main() -> None:
     ap.add_argument("--calibration", default="32x512", help="calibration windows x tokens per seed")
     ap.add_argument("--extra", type=Path, nargs="*", default=[], help="artifacts scored once beside the seeds (e.g. a width model and its recovered one)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "results")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="summarize earlier runs' accuracy-seeds.json together instead of running")
     args = ap.parse_args()
+    if args.merge:
+        return publish(merge([json.loads(f.read_text()) for f in args.merge]), args.out)
     torch.manual_seed(0)
     nsamples, seqlen = (int(v) for v in args.calibration.split("x"))
     scored = Tasks(names=TASKS, limit=args.limit)
@@ -78,23 +83,40 @@ def main() -> None:
                 (args.out / "accuracy-seeds.partial.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")  # a long study keeps what it has
                 print(f"seed {seed} {pattern:26s} {row['label']:10s} ppl {row['perplexity']:8.3f}  "
                       + "  ".join(f"{t} {row['tasks'][t]['acc']:.3f}" for t in TASKS) + f"  ({time.time() - started:.0f} s)", flush=True)
-    summary = summarize(rows, args.seeds, args.patterns.split(";"))
-    result = {"machine": {**machine(), "matmul_gflops": matmul_rate() / 1e9}, "seeds": args.seeds, "limit": args.limit,
-              "calibration": f"austen, {nsamples} x {seqlen} per seed", "evaluation": "austen, 16 x 512", "seconds": round(time.time() - started),
-              "rows": rows, "summary": summary}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "accuracy-seeds.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    publish({"machine": {**machine(), "matmul_gflops": matmul_rate() / 1e9}, "limit": args.limit,
+             "calibration": f"austen, {nsamples} x {seqlen} per seed", "evaluation": "austen, 16 x 512", "seconds": round(time.time() - started),
+             "rows": rows}, args.out)
+
+
+def merge(results: list[dict]) -> dict:
+    """Several runs as one (say the sparsity patterns and a later width run): same protocol, one dense row, seconds added."""
+    first = results[0]
+    for other in results[1:]:
+        if any(other[k] != first[k] for k in ("limit", "calibration", "evaluation")):
+            raise SystemExit("--merge: the runs differ in limit, calibration or evaluation; merge runs of one protocol")
+    rows = [r for result in results for r in result["rows"]]
+    dense = next(r for r in rows if r["method"] == "dense")
+    return {**first, "seconds": sum(r["seconds"] for r in results), "rows": [r for r in rows if r["method"] != "dense" or r is dense]}
+
+
+def publish(result: dict, out: Path) -> None:
+    result = {**result, "summary": summarize(result["rows"])}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy-seeds.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     lines = render(result)
-    (args.out / "accuracy-seeds.md").write_text("\n".join(lines) + "\n")
+    (out / "accuracy-seeds.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def summarize(rows: list[dict], seeds: int, patterns: list[str]) -> dict:
-    """Per pattern: mean ± sd of each metric per method over seeds, and paired tests between methods."""
+def summarize(rows: list[dict]) -> dict:
+    """Per pattern: mean ± sd of each metric per method over seeds, and paired tests between methods (pairs share a seed)."""
     out = {}
-    for pattern in patterns:
+    for pattern in dict.fromkeys(r["study_pattern"] for r in rows if r["method"] not in ("dense", "extra")):
         methods = PATTERNS[pattern]
         of = {m: sorted((r for r in rows if r["study_pattern"] == pattern and r["method"] == m), key=lambda r: r["seed"]) for m in methods}
+        seeds = len(of[methods[0]])
+        if any([r["seed"] for r in of[m]] != [r["seed"] for r in of[methods[0]]] for m in methods):
+            raise SystemExit(f"{pattern}: the methods were not run on the same seeds; a paired test needs them")
         stats = {m: {name: {"mean": statistics.fmean(v := [value(r, key) for r in of[m]]), "sd": statistics.stdev(v) if len(v) > 1 else 0.0}
                      for name, key, _ in METRICS} for m in methods}
         tests = []
@@ -107,8 +129,8 @@ def summarize(rows: list[dict], seeds: int, patterns: list[str]) -> dict:
                 better = "tie" if mean == 0 else a if (mean > 0) == higher else b
                 tests.append({"a": a, "b": b, "metric": name, "mean_difference": statistics.fmean(diffs), "sd_difference":
                               statistics.stdev(diffs) if len(diffs) > 1 else 0.0, "p": p, "better": better,
-                              "better_in_seeds": sum((d > 0) == higher for d in diffs if d != 0)})
-        out[pattern] = {"stats": stats, "tests": tests}
+                              "better_in_seeds": sum(((d > 0) == higher) == (better == a) for d in diffs if d != 0)})  # seeds the better one led
+        out[pattern] = {"seeds": seeds, "stats": stats, "tests": tests}
     return out
 
 
@@ -116,7 +138,8 @@ def render(result: dict) -> list[str]:
     rows, summary = result["rows"], result["summary"]
     dense = next(r for r in rows if r["method"] == "dense")
     items = "all items" if result["limit"] is None else f"the first {result['limit']} items"
-    lines = [f"SmolLM2-135M, {result['seeds']} calibration seeds, calibration {result['calibration']}, evaluation {result['evaluation']}, "
+    seeds = ", ".join(f"{s['seeds']} for {pattern}" for pattern, s in summary.items())
+    lines = [f"SmolLM2-135M, calibration seeds: {seeds}; calibration {result['calibration']}, evaluation {result['evaluation']}, "
              f"tasks on {items}; "
              f"{result['seconds'] / 60:.0f} minutes at {result['machine']['matmul_gflops']:.0f} GFLOP/s.", "",
              f"Dense: perplexity {dense['perplexity']:.3f}, " + ", ".join(f"{t} acc {dense['tasks'][t]['acc']:.3f} ± {dense['tasks'][t]['acc_stderr']:.3f}"
@@ -126,9 +149,9 @@ def render(result: dict) -> list[str]:
         lines += markdown_table(["method", *[m for m, _, _ in METRICS]],
                                 [[m, *[f"{v[n]['mean']:.3f} ± {v[n]['sd']:.3f}" for n, _, _ in METRICS]] for m, v in s["stats"].items()])
         lines += ["", "Paired over seeds (a − b, two-sided paired t-test):", ""]
-        lines += markdown_table(["a − b", "metric", "mean difference ± sd", "p", "better", "seeds where better"],
+        lines += markdown_table(["a − b", "metric", "mean difference ± sd", "p", "better", "seeds it led"],
                                 [[f"{t['a']} − {t['b']}", t["metric"], f"{t['mean_difference']:+.4f} ± {t['sd_difference']:.4f}", f"{t['p']:.3f}",
-                                  t["better"], f"{t['better_in_seeds']}/{result['seeds']}"] for t in s["tests"]])
+                                  t["better"], f"{t['better_in_seeds']}/{s['seeds']}"] for t in s["tests"]])
         lines.append("")
     extra = [r for r in rows if r["method"] == "extra"]
     if extra:
