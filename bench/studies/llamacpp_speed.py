@@ -100,8 +100,11 @@ def main() -> None:
         for kind in PERPLEXITY_ONLY.get(name, TYPES):
             path = args.work / f"{folder.name}-{kind}.gguf"
             done = path.with_suffix(".json")  # an export of an earlier run of this study, with its report
-            export = json.loads(done.read_text()) if done.is_file() and path.is_file() else export_gguf(str(folder), path, kind=kind, overwrite=True)
-            done.write_text(json.dumps(export))
+            if done.is_file() and path.is_file():
+                export = json.loads(done.read_text())
+            else:
+                export = export_gguf(str(folder), path, kind=kind, overwrite=True)
+                done.write_text(json.dumps(export))
             backend = LlamaCppBackend(str(path), threads=2)
             ppl = windows_perplexity(lambda batch: backend.step(batch, None, None, None)[0], windows)["perplexity"]
             backend.llm.close()
