@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="summarize earlier runs' accuracy-seeds.json together instead of running")
     args = ap.parse_args()
     if args.merge:
+        if missing := [str(f) for f in args.merge if not f.is_file()]:
+            ap.error(f"--merge: no such file {', '.join(missing)}; pass the accuracy-seeds.json of earlier runs")
         return publish(merge([json.loads(f.read_text()) for f in args.merge]), args.out)
     torch.manual_seed(0)
     nsamples, seqlen = (int(v) for v in args.calibration.split("x"))
